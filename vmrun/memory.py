@@ -1,0 +1,170 @@
+"""Guest-physical memory: sparse host mappings behind typed, bounds-checked accessors.
+
+Each RAM range of the presented memory map gets one anonymous ``MAP_NORESERVE`` mapping, so a
+24 GiB map costs nothing until the guest touches it. Loaders and services never compute mmap
+offsets themselves: they call ``read``/``write``/``read_u64``/… with a guest-physical address,
+and an address outside every range raises :class:`vmrun.errors.GuestMemoryError`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from vmrun.errors import GuestMemoryError
+
+PAGE_SIZE = 4096
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class Region:
+    gpa: int
+    size: int
+    mapping: mmap.mmap = field(repr=False)
+    view: memoryview = field(repr=False)
+    host_addr: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """A set of non-overlapping, page-aligned guest-physical ranges, each backed by host memory."""
+
+    def __init__(self) -> None:
+        self.regions: list[Region] = []
+        self._starts: list[int] = []
+
+    def add_region(self, gpa: int, size: int) -> Region:
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(f"guest region {gpa:#x}+{size:#x} is not page-aligned")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ValueError(f"guest region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        m = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        host = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        region = Region(gpa, size, m, memoryview(m), host)
+        idx = bisect.bisect(self._starts, gpa)
+        self.regions.insert(idx, region)
+        self._starts.insert(idx, gpa)
+        return region
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.view.release()
+            try:
+                r.mapping.close()
+            except BufferError:  # a ctypes view still alive; the mapping dies with the process
+                pass
+        self.regions.clear()
+        self._starts.clear()
+
+    # lookup ----------------------------------------------------------------------------------
+    def _find(self, gpa: int, size: int, what: str = "access") -> tuple[Region, int]:
+        idx = bisect.bisect(self._starts, gpa) - 1
+        if idx >= 0:
+            r = self.regions[idx]
+            off = gpa - r.gpa
+            if gpa >= r.gpa and off + size <= r.size and size >= 0:
+                return r, off
+        raise GuestMemoryError(gpa, size, what)
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        try:
+            self._find(gpa, size)
+            return True
+        except GuestMemoryError:
+            return False
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A writable view of guest memory (valid while the memory lives)."""
+        r, off = self._find(gpa, size)
+        return r.view[off:off + size]
+
+    # raw bytes -------------------------------------------------------------------------------
+    def read(self, gpa: int, size: int) -> bytes:
+        r, off = self._find(gpa, size, "read")
+        return bytes(r.view[off:off + size])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        r, off = self._find(gpa, n, "write")
+        r.view[off:off + n] = data
+
+    def fill(self, gpa: int, size: int, value: int = 0) -> None:
+        r, off = self._find(gpa, size, "write")
+        ctypes.memset(r.host_addr + off, value & 0xFF, size)
+
+    def copy(self, dst: int, src: int, size: int) -> None:
+        """memmove semantics (overlapping ranges are fine)."""
+        rs, so = self._find(src, size, "read")
+        rd, do = self._find(dst, size, "write")
+        ctypes.memmove(rd.host_addr + do, rs.host_addr + so, size)
+
+    # typed -----------------------------------------------------------------------------------
+    def read_u8(self, gpa: int) -> int:
+        r, off = self._find(gpa, 1, "read")
+        return r.view[off]
+
+    def read_u16(self, gpa: int) -> int:
+        r, off = self._find(gpa, 2, "read")
+        return _U16.unpack_from(r.view, off)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        r, off = self._find(gpa, 4, "read")
+        return _U32.unpack_from(r.view, off)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        r, off = self._find(gpa, 8, "read")
+        return _U64.unpack_from(r.view, off)[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 1, "write")
+        r.view[off] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 2, "write")
+        _U16.pack_into(r.view, off, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 4, "write")
+        _U32.pack_into(r.view, off, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        r, off = self._find(gpa, 8, "write")
+        _U64.pack_into(r.view, off, value & 0xFFFFFFFFFFFFFFFF)
+
+    def read_obj(self, gpa: int, ctype: type):
+        """A copy of a ctypes structure read from guest memory."""
+        return ctype.from_buffer_copy(self.read(gpa, ctypes.sizeof(ctype)))
+
+    def write_obj(self, gpa: int, obj) -> None:
+        self.write(gpa, bytes(obj))
+
+    def read_utf16z(self, gpa: int, max_chars: int = 32768) -> str:
+        """A NUL-terminated UTF-16LE string (CHAR16*), at most ``max_chars`` characters."""
+        out = bytearray()
+        for i in range(max_chars):
+            ch = self.read_u16(gpa + 2 * i)
+            if ch == 0:
+                return out.decode("utf-16-le", errors="replace")
+            out += _U16.pack(ch)
+        raise GuestMemoryError(gpa, 2 * max_chars, "unterminated UTF-16 string read")
+
+    def read_cstr(self, gpa: int, max_len: int = 65536) -> bytes:
+        out = bytearray()
+        for i in range(max_len):
+            b = self.read_u8(gpa + i)
+            if b == 0:
+                return bytes(out)
+            out.append(b)
+        raise GuestMemoryError(gpa, max_len, "unterminated string read")
