@@ -107,3 +107,20 @@ class BuildError(VmrunError):
     """A guest blob or test payload could not be built."""
     exit_code = 32
     kind = "build"
+
+
+class PayloadReset(VmrunError):
+    """The payload called ResetSystem instead of ExitBootServices."""
+    exit_code = 24
+    kind = "reset"
+
+
+# outcome of a run → the exit code of `vmrun run`
+OUTCOME_EXIT_CODES = {
+    "exit_boot_services": 0,
+    "fault": PayloadFault.exit_code,
+    "timeout": RunTimeout.exit_code,
+    "memory_cap": MemoryCapExceeded.exit_code,
+    "payload_returned": PayloadReturned.exit_code,
+    "reset": PayloadReset.exit_code,
+}

@@ -1,0 +1,426 @@
+"""EFI_BOOT_SERVICES (UEFI 2.10 §4.4, §7): one method per service, declared with @efiapi.
+
+The table is built in the spec's order (:data:`BOOT_SERVICES_ORDER`); a name without a method
+here gets an explicit EFI_UNSUPPORTED stub from the dispatcher.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import uuid
+import zlib
+
+import structlog
+
+from hostsvc import guids as G
+from hostsvc import images as IMG
+from hostsvc import status as S
+from hostsvc.dispatch import (BOOL, EVENT, GUIDPTR, HANDLE, OPTGUIDPTR, OPTPTR, PTR, TPL, U32, U64,
+                              UINTN, efiapi)
+from hostsvc.events import TPL_APPLICATION
+from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION
+from hostsvc.status import EfiError
+from vmrun import pe as PE
+from vmrun.errors import VmrunError
+
+log = structlog.get_logger("hostsvc.boot_services")
+
+BOOT_SERVICES_ORDER = [
+    "RaiseTPL", "RestoreTPL",
+    "AllocatePages", "FreePages", "GetMemoryMap", "AllocatePool", "FreePool",
+    "CreateEvent", "SetTimer", "WaitForEvent", "SignalEvent", "CloseEvent", "CheckEvent",
+    "InstallProtocolInterface", "ReinstallProtocolInterface", "UninstallProtocolInterface",
+    "HandleProtocol", "Reserved", "RegisterProtocolNotify", "LocateHandle", "LocateDevicePath",
+    "InstallConfigurationTable",
+    "LoadImage", "StartImage", "Exit", "UnloadImage", "ExitBootServices",
+    "GetNextMonotonicCount", "Stall", "SetWatchdogTimer",
+    "ConnectController", "DisconnectController",
+    "OpenProtocol", "CloseProtocol", "OpenProtocolInformation",
+    "ProtocolsPerHandle", "LocateHandleBuffer", "LocateProtocol",
+    "InstallMultipleProtocolInterfaces", "UninstallMultipleProtocolInterfaces",
+    "CalculateCrc32", "CopyMem", "SetMem", "CreateEventEx",
+]
+
+EFI_NATIVE_INTERFACE = 0
+MAX_VARIADIC_PAIRS = 64
+
+
+class ExitBootServicesCalled(Exception):
+    """ExitBootServices succeeded: the run ends here, frozen (the caller builds the state)."""
+
+    def __init__(self, image_handle: int, map_key: int):
+        self.image_handle = image_handle
+        self.map_key = map_key
+
+
+class BootServices:
+    def __init__(self, fw):
+        self.fw = fw
+        self.mem = fw.mem
+
+    # --- §7.1 Event, Timer, and Task Priority Services ----------------------------------------
+    @efiapi("RaiseTPL", ("new_tpl", TPL))
+    def raise_tpl(self, new_tpl):
+        """Returns the previous TPL (an EFI_TPL, not a status)."""
+        return self.fw.events.raise_tpl(new_tpl)
+
+    @efiapi("RestoreTPL", ("old_tpl", TPL))
+    def restore_tpl(self, old_tpl):
+        self.fw.events.restore_tpl(old_tpl)
+        return 0
+
+    @efiapi("CreateEvent", ("type", U32), ("notify_tpl", TPL), ("notify_function", OPTPTR),
+            ("notify_context", OPTPTR), ("event", PTR))
+    def create_event(self, type, notify_tpl, notify_function, notify_context, event):
+        h = self.fw.events.create(type, notify_tpl, notify_function, notify_context)
+        self.mem.write_u64(event, h)
+
+    @efiapi("CreateEventEx", ("type", U32), ("notify_tpl", TPL), ("notify_function", OPTPTR),
+            ("notify_context", OPTPTR), ("event_group", OPTGUIDPTR), ("event", PTR))
+    def create_event_ex(self, type, notify_tpl, notify_function, notify_context, event_group, event):
+        h = self.fw.events.create(type, notify_tpl, notify_function, notify_context, event_group)
+        self.mem.write_u64(event, h)
+
+    @efiapi("SetTimer", ("event", EVENT), ("type", U32), ("trigger_time", U64))
+    def set_timer(self, event, type, trigger_time):
+        self.fw.events.set_timer(event, type, trigger_time)
+
+    @efiapi("SignalEvent", ("event", EVENT))
+    def signal_event(self, event):
+        self.fw.events.signal(event)
+
+    @efiapi("CloseEvent", ("event", EVENT))
+    def close_event(self, event):
+        self.fw.events.close(event)
+
+    @efiapi("CheckEvent", ("event", EVENT))
+    def check_event(self, event):
+        self.fw.events.poll_timers()
+        return S.SUCCESS if self.fw.events.check(event) else S.NOT_READY
+
+    @efiapi("WaitForEvent", ("number_of_events", UINTN), ("event", PTR), ("index", PTR))
+    def wait_for_event(self, number_of_events, event, index):
+        ev = self.fw.events
+        if number_of_events == 0:
+            raise EfiError(S.INVALID_PARAMETER, "NumberOfEvents is 0")
+        if ev.tpl != TPL_APPLICATION:
+            raise EfiError(S.UNSUPPORTED, f"WaitForEvent at TPL {ev.tpl}")
+        handles = [self.mem.read_u64(event + 8 * i) for i in range(number_of_events)]
+        while True:
+            ev.poll_timers()
+            for i, h in enumerate(handles):
+                try:
+                    hit = ev.check(h)
+                except EfiError:
+                    self.mem.write_u64(index, i)
+                    raise
+                if hit:
+                    self.mem.write_u64(index, i)
+                    return
+            self.fw.machine.check_deadline()
+            nxt = ev.next_deadline()
+            delay = 0.01 if nxt is None else min(max(nxt - time.monotonic(), 0), 0.01)
+            time.sleep(delay)
+
+    # --- §7.2 Memory Allocation Services ---------------------------------------------------
+    @efiapi("AllocatePages", ("type", U32), ("memory_type", U32), ("pages", UINTN), ("memory", PTR))
+    def allocate_pages(self, type, memory_type, pages, memory):
+        address = self.mem.read_u64(memory)
+        got = self.fw.alloc.allocate_pages(type, memory_type, pages, address)
+        self.mem.write_u64(memory, got)
+
+    @efiapi("FreePages", ("memory", U64), ("pages", UINTN))
+    def free_pages(self, memory, pages):
+        self.fw.alloc.free_pages(memory, pages)
+
+    @efiapi("GetMemoryMap", ("memory_map_size", PTR), ("memory_map", OPTPTR), ("map_key", OPTPTR),
+            ("descriptor_size", OPTPTR), ("descriptor_version", OPTPTR))
+    def get_memory_map(self, memory_map_size, memory_map, map_key, descriptor_size, descriptor_version):
+        raw = self.fw.alloc.encode_map()
+        have = self.mem.read_u64(memory_map_size)
+        self.mem.write_u64(memory_map_size, len(raw))
+        if descriptor_size:
+            self.mem.write_u64(descriptor_size, DESCRIPTOR_SIZE)
+        if descriptor_version:
+            self.mem.write_u32(descriptor_version, DESCRIPTOR_VERSION)
+        if have < len(raw):
+            raise EfiError(S.BUFFER_TOO_SMALL, f"map needs {len(raw)} bytes, got {have}")
+        if not memory_map:
+            raise EfiError(S.INVALID_PARAMETER, "MemoryMap is NULL")
+        if not map_key:
+            raise EfiError(S.INVALID_PARAMETER, "MapKey is NULL")
+        self.mem.write(memory_map, raw)
+        self.mem.write_u64(map_key, self.fw.alloc.map_key)
+
+    @efiapi("AllocatePool", ("pool_type", U32), ("size", UINTN), ("buffer", PTR))
+    def allocate_pool(self, pool_type, size, buffer):
+        self.mem.write_u64(buffer, self.fw.alloc.allocate_pool(pool_type, size))
+
+    @efiapi("FreePool", ("buffer", PTR))
+    def free_pool(self, buffer):
+        self.fw.alloc.free_pool(buffer)
+
+    # --- §7.3 Protocol Handler Services ---------------------------------------------------
+    @efiapi("InstallProtocolInterface", ("handle", PTR), ("protocol", GUIDPTR),
+            ("interface_type", U32), ("interface", OPTPTR))
+    def install_protocol_interface(self, handle, protocol, interface_type, interface):
+        if interface_type != EFI_NATIVE_INTERFACE:
+            raise EfiError(S.INVALID_PARAMETER, f"InterfaceType {interface_type}")
+        h = self.mem.read_u64(handle)
+        new = self.fw.handles.install(h or None, protocol, interface)
+        self.mem.write_u64(handle, new)
+
+    @efiapi("ReinstallProtocolInterface", ("handle", HANDLE), ("protocol", GUIDPTR),
+            ("old_interface", OPTPTR), ("new_interface", OPTPTR))
+    def reinstall_protocol_interface(self, handle, protocol, old_interface, new_interface):
+        self.fw.handles.reinstall(handle, protocol, old_interface, new_interface)
+
+    @efiapi("UninstallProtocolInterface", ("handle", HANDLE), ("protocol", GUIDPTR), ("interface", OPTPTR))
+    def uninstall_protocol_interface(self, handle, protocol, interface):
+        self.fw.handles.uninstall(handle, protocol, interface)
+
+    @efiapi("HandleProtocol", ("handle", HANDLE), ("protocol", GUIDPTR), ("interface", PTR))
+    def handle_protocol(self, handle, protocol, interface):
+        self.mem.write_u64(interface, self.fw.handles.handle_protocol(handle, protocol))
+
+    @efiapi("RegisterProtocolNotify", ("protocol", GUIDPTR), ("event", EVENT), ("registration", PTR))
+    def register_protocol_notify(self, protocol, event, registration):
+        self.fw.events.get(event)
+        self.mem.write_u64(registration, self.fw.handles.register_protocol_notify(protocol, event))
+
+    @efiapi("LocateHandle", ("search_type", U32), ("protocol", OPTGUIDPTR), ("search_key", OPTPTR),
+            ("buffer_size", PTR), ("buffer", OPTPTR))
+    def locate_handle(self, search_type, protocol, search_key, buffer_size, buffer):
+        found = self.fw.handles.locate_handle(search_type, protocol, search_key)
+        need = 8 * len(found)
+        have = self.mem.read_u64(buffer_size)
+        self.mem.write_u64(buffer_size, need)
+        if have < need:
+            raise EfiError(S.BUFFER_TOO_SMALL, f"{len(found)} handles")
+        if not buffer:
+            raise EfiError(S.INVALID_PARAMETER, "Buffer is NULL")
+        self.mem.write(buffer, b"".join(struct.pack("<Q", h) for h in found))
+
+    @efiapi("LocateHandleBuffer", ("search_type", U32), ("protocol", OPTGUIDPTR), ("search_key", OPTPTR),
+            ("no_handles", PTR), ("buffer", PTR))
+    def locate_handle_buffer(self, search_type, protocol, search_key, no_handles, buffer):
+        found = self.fw.handles.locate_handle(search_type, protocol, search_key)
+        addr = self.fw.alloc.allocate_pool(4, 8 * len(found))  # EfiBootServicesData, caller frees
+        self.mem.write(addr, b"".join(struct.pack("<Q", h) for h in found))
+        self.mem.write_u64(no_handles, len(found))
+        self.mem.write_u64(buffer, addr)
+
+    @efiapi("LocateDevicePath", ("protocol", GUIDPTR), ("device_path", PTR), ("device", PTR))
+    def locate_device_path(self, protocol, device_path, device):
+        path_ptr = self.mem.read_u64(device_path)
+        if not path_ptr:
+            raise EfiError(S.INVALID_PARAMETER, "*DevicePath is NULL")
+        raw = self.fw._read_device_path(path_ptr)
+        handle, offset = self.fw.handles.locate_device_path(protocol, raw)
+        self.mem.write_u64(device, handle)
+        self.mem.write_u64(device_path, path_ptr + offset)
+
+    @efiapi("OpenProtocol", ("handle", HANDLE), ("protocol", GUIDPTR), ("interface", OPTPTR),
+            ("agent_handle", HANDLE), ("controller_handle", HANDLE), ("attributes", U32))
+    def open_protocol(self, handle, protocol, interface, agent_handle, controller_handle, attributes):
+        if not interface and attributes != 0x04:  # TEST_PROTOCOL may pass NULL
+            raise EfiError(S.INVALID_PARAMETER, "Interface is NULL")
+        try:
+            value = self.fw.handles.open_protocol(handle, protocol, agent_handle, controller_handle, attributes)
+        except EfiError as e:
+            if interface and e.status == S.UNSUPPORTED:
+                self.mem.write_u64(interface, 0)
+            raise
+        if interface and attributes != 0x04:
+            self.mem.write_u64(interface, value)
+
+    @efiapi("CloseProtocol", ("handle", HANDLE), ("protocol", GUIDPTR), ("agent_handle", HANDLE),
+            ("controller_handle", HANDLE))
+    def close_protocol(self, handle, protocol, agent_handle, controller_handle):
+        self.fw.handles.close_protocol(handle, protocol, agent_handle, controller_handle)
+
+    @efiapi("OpenProtocolInformation", ("handle", HANDLE), ("protocol", GUIDPTR), ("entry_buffer", PTR),
+            ("entry_count", PTR))
+    def open_protocol_information(self, handle, protocol, entry_buffer, entry_count):
+        infos = self.fw.handles.open_protocol_information(handle, protocol)
+        raw = b"".join(struct.pack("<QQII", i.agent, i.controller, i.attributes, i.open_count) for i in infos)
+        addr = self.fw.alloc.allocate_pool(4, max(len(raw), 1))
+        self.mem.write(addr, raw)
+        self.mem.write_u64(entry_buffer, addr)
+        self.mem.write_u64(entry_count, len(infos))
+
+    @efiapi("ProtocolsPerHandle", ("handle", HANDLE), ("protocol_buffer", PTR), ("protocol_buffer_count", PTR))
+    def protocols_per_handle(self, handle, protocol_buffer, protocol_buffer_count):
+        guids = self.fw.handles.protocols_per_handle(handle)
+        # an array of EFI_GUID* pointing at GUID copies in the same pool buffer
+        n = len(guids)
+        addr = self.fw.alloc.allocate_pool(4, 8 * n + 16 * n or 1)
+        for i, g in enumerate(guids):
+            gaddr = addr + 8 * n + 16 * i
+            self.mem.write(gaddr, G.guid_to_bytes(g))
+            self.mem.write_u64(addr + 8 * i, gaddr)
+        self.mem.write_u64(protocol_buffer, addr)
+        self.mem.write_u64(protocol_buffer_count, n)
+
+    @efiapi("LocateProtocol", ("protocol", GUIDPTR), ("registration", OPTPTR), ("interface", PTR))
+    def locate_protocol(self, protocol, registration, interface):
+        try:
+            value = self.fw.handles.locate_protocol(protocol, registration or None)
+        except EfiError:
+            self.mem.write_u64(interface, 0)
+            raise
+        self.mem.write_u64(interface, value)
+
+    def _variadic_pairs(self, call, first: int) -> list[tuple[uuid.UUID, int]]:
+        pairs = []
+        i = first
+        while True:
+            gptr = call.raw_arg(i)
+            if gptr == 0:
+                return pairs
+            if len(pairs) >= MAX_VARIADIC_PAIRS:
+                raise EfiError(S.INVALID_PARAMETER, "no NULL terminator in the argument list")
+            pairs.append((uuid.UUID(bytes_le=self.mem.read(gptr, 16)), call.raw_arg(i + 1)))
+            i += 2
+
+    @efiapi("InstallMultipleProtocolInterfaces", ("handle", PTR), variadic=True)
+    def install_multiple(self, handle, call):
+        pairs = self._variadic_pairs(call, 1)
+        h = self.mem.read_u64(handle)
+        new = self.fw.handles.install_multiple(h or None, pairs)
+        self.mem.write_u64(handle, new)
+
+    @efiapi("UninstallMultipleProtocolInterfaces", ("handle", HANDLE), variadic=True)
+    def uninstall_multiple(self, handle, call):
+        self.fw.handles.uninstall_multiple(handle, self._variadic_pairs(call, 1))
+
+    @efiapi("ConnectController", ("controller_handle", HANDLE), ("driver_image_handle", OPTPTR),
+            ("remaining_device_path", OPTPTR), ("recursive", BOOL))
+    def connect_controller(self, controller_handle, driver_image_handle, remaining_device_path, recursive):
+        if not self.fw.handles.is_handle(controller_handle):
+            raise EfiError(S.INVALID_PARAMETER, "ControllerHandle is not a handle")
+        raise EfiError(S.NOT_FOUND, "no drivers to connect")
+
+    @efiapi("DisconnectController", ("controller_handle", HANDLE), ("driver_image_handle", OPTPTR),
+            ("child_handle", OPTPTR))
+    def disconnect_controller(self, controller_handle, driver_image_handle, child_handle):
+        if not self.fw.handles.is_handle(controller_handle):
+            raise EfiError(S.INVALID_PARAMETER, "ControllerHandle is not a handle")
+
+    # --- §7.4 Image Services ------------------------------------------------------------
+    @efiapi("LoadImage", ("boot_policy", BOOL), ("parent_image_handle", HANDLE), ("device_path", OPTPTR),
+            ("source_buffer", OPTPTR), ("source_size", UINTN), ("image_handle", PTR))
+    def load_image(self, boot_policy, parent_image_handle, device_path, source_buffer, source_size, image_handle):
+        if parent_image_handle not in self.fw.images:
+            raise EfiError(S.INVALID_PARAMETER, "ParentImageHandle is not an image")
+        if not source_buffer:
+            raise EfiError(S.NOT_FOUND, "loading from a device path needs a file system (none here)")
+        if source_size == 0:
+            raise EfiError(S.LOAD_ERROR, "SourceSize is 0")
+        data = self.mem.read(source_buffer, source_size)
+        try:
+            pe = PE.parse_pe(data, "image", allowed_subsystems=(10, 11, 12))
+        except VmrunError as e:
+            raise EfiError(S.LOAD_ERROR if "subsystem" not in e.kind else S.UNSUPPORTED, str(e)) from None
+        nodes = []
+        if device_path:
+            from hostsvc import devicepath as DP
+            nodes = DP.parse(self.fw._read_device_path(device_path))
+        img = IMG.load_image(self.fw, pe, f"image@{source_buffer:#x}", parent_image_handle,
+                             file_path_nodes=nodes)
+        self.mem.write_u64(image_handle, img.handle)
+
+    @efiapi("StartImage", ("image_handle", HANDLE), ("exit_data_size", OPTPTR), ("exit_data", OPTPTR))
+    def start_image(self, image_handle, exit_data_size, exit_data):
+        img = self.fw.images.get(image_handle)
+        if img is None:
+            raise EfiError(S.INVALID_PARAMETER, "not an image handle")
+        status = IMG.start_image(self.fw, img)
+        if exit_data_size:
+            self.mem.write_u64(exit_data_size, img.exit_data[0])
+        if exit_data:
+            self.mem.write_u64(exit_data, img.exit_data[1])
+        return status
+
+    @efiapi("Exit", ("image_handle", HANDLE), ("exit_status", U64), ("exit_data_size", UINTN),
+            ("exit_data", OPTPTR))
+    def exit(self, image_handle, exit_status, exit_data_size, exit_data):
+        img = self.fw.images.get(image_handle)
+        if img is None:
+            raise EfiError(S.INVALID_PARAMETER, "not an image handle")
+        if not img.started:
+            self.fw.unload_image(img)
+            return S.SUCCESS
+        raise IMG.ImageExit(image_handle, exit_status, exit_data_size, exit_data)
+
+    @efiapi("UnloadImage", ("image_handle", HANDLE))
+    def unload_image(self, image_handle):
+        img = self.fw.images.get(image_handle)
+        if img is None:
+            raise EfiError(S.INVALID_PARAMETER, "not an image handle")
+        if img.started:
+            raise EfiError(S.UNSUPPORTED, "started images have no Unload function here")
+        self.fw.unload_image(img)
+
+    @efiapi("ExitBootServices", ("image_handle", HANDLE), ("map_key", UINTN))
+    def exit_boot_services(self, image_handle, map_key):
+        if map_key != self.fw.alloc.map_key:
+            raise EfiError(S.INVALID_PARAMETER, f"stale map key {map_key} (current {self.fw.alloc.map_key})")
+        if image_handle not in self.fw.images:
+            raise EfiError(S.INVALID_PARAMETER, "ImageHandle is not an image")
+        from hostsvc.events import EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES, EVENT_GROUP_EXIT_BOOT_SERVICES
+        self.fw.events.signal_group(EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES)
+        self.fw.events.signal_group(EVENT_GROUP_EXIT_BOOT_SERVICES)
+        self.fw.events.dispatch()
+        raise ExitBootServicesCalled(image_handle, map_key)
+
+    # --- §7.5 Miscellaneous Boot Services ------------------------------------------------
+    @efiapi("SetWatchdogTimer", ("timeout", UINTN), ("watchdog_code", U64), ("data_size", UINTN),
+            ("watchdog_data", OPTPTR))
+    def set_watchdog_timer(self, timeout, watchdog_code, data_size, watchdog_data):
+        if watchdog_code <= 0xFFFF and watchdog_code != 0 and timeout:
+            raise EfiError(S.INVALID_PARAMETER, "codes 0x0001-0xFFFF are reserved for firmware")
+        self.fw.watchdog = timeout  # the run's own --timeout bounds everything anyway
+
+    @efiapi("Stall", ("microseconds", UINTN))
+    def stall(self, microseconds):
+        end = time.monotonic() + microseconds / 1e6
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.fw.machine.check_deadline()
+            time.sleep(min(left, 0.05))
+
+    @efiapi("CopyMem", ("destination", OPTPTR), ("source", OPTPTR), ("length", UINTN))
+    def copy_mem(self, destination, source, length):
+        if length:
+            self.mem.copy(destination, source, length)
+        return 0
+
+    @efiapi("SetMem", ("buffer", OPTPTR), ("size", UINTN), ("value", "u8"))
+    def set_mem(self, buffer, size, value):
+        if size:
+            self.mem.fill(buffer, size, value)
+        return 0
+
+    @efiapi("GetNextMonotonicCount", ("count", PTR))
+    def get_next_monotonic_count(self, count):
+        self.fw.monotonic_count += 1
+        self.mem.write_u64(count, self.fw.monotonic_count)
+
+    @efiapi("InstallConfigurationTable", ("guid", GUIDPTR), ("table", OPTPTR))
+    def install_configuration_table(self, guid, table):
+        self.fw.set_config_table(guid, table)
+
+    @efiapi("CalculateCrc32", ("data", PTR), ("data_size", UINTN), ("crc32", PTR))
+    def calculate_crc32(self, data, data_size, crc32):
+        if data_size == 0:
+            raise EfiError(S.INVALID_PARAMETER, "DataSize is 0")
+        self.mem.write_u32(crc32, zlib.crc32(self.mem.read(data, data_size)))
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)

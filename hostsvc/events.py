@@ -1,0 +1,212 @@
+"""Events, timers and task priority levels (UEFI 2.10 §7.1 Event, Timer, and Task Priority Services).
+
+There are no interrupts in the micro-VM: timers are checked against the host's monotonic clock
+whenever the payload enters a service (and while WaitForEvent/Stall wait), and notify
+functions run through ``Machine.call_guest`` at their TPL, in TPL order, as soon as the current
+TPL drops below it — the observable semantics the spec gives.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from hostsvc import status as S
+from hostsvc.status import EfiError
+
+EVT_TIMER = 0x80000000
+EVT_RUNTIME = 0x40000000
+EVT_NOTIFY_WAIT = 0x00000100
+EVT_NOTIFY_SIGNAL = 0x00000200
+EVT_SIGNAL_EXIT_BOOT_SERVICES = 0x00000201
+EVT_SIGNAL_VIRTUAL_ADDRESS_CHANGE = 0x60000202
+
+TPL_APPLICATION, TPL_CALLBACK, TPL_NOTIFY, TPL_HIGH_LEVEL = 4, 8, 16, 31
+
+TIMER_CANCEL, TIMER_PERIODIC, TIMER_RELATIVE = 0, 1, 2
+
+EVENT_GROUP_EXIT_BOOT_SERVICES = uuid.UUID("27abf055-b1b8-4c26-8048-748f37baa2df")
+EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES = uuid.UUID("8be0e274-3970-4b44-80c5-1ab9502f3bfc")
+EVENT_GROUP_VIRTUAL_ADDRESS_CHANGE = uuid.UUID("13fa7698-c831-49c7-87ea-8f43fcc25196")
+EVENT_GROUP_READY_TO_BOOT = uuid.UUID("7ce88fb3-4bd7-4679-87a8-a8d8dee50d2b")
+
+_VALID_TYPES = {0, EVT_TIMER, EVT_RUNTIME, EVT_NOTIFY_WAIT, EVT_NOTIFY_SIGNAL,
+                EVT_SIGNAL_EXIT_BOOT_SERVICES, EVT_SIGNAL_VIRTUAL_ADDRESS_CHANGE}
+_TICK = 1e-7  # timer units are 100 ns
+
+
+@dataclass
+class Event:
+    handle: int
+    type: int
+    notify_tpl: int
+    notify_function: int
+    notify_context: int
+    group: uuid.UUID | None = None
+    signaled: bool = False
+    timer_deadline: float | None = None
+    timer_period: float = 0.0
+    order: int = 0
+
+
+@dataclass
+class Events:
+    """The event database. ``call_notify(function, event, context)`` runs guest code;
+    ``new_handle()`` gives a unique guest address for an event."""
+    call_notify: object
+    new_handle: object
+    free_handle: object
+    clock: object = time.monotonic
+    events: dict[int, Event] = field(default_factory=dict)
+    tpl: int = TPL_APPLICATION
+    pending: list[Event] = field(default_factory=list)
+    _order: int = 0
+
+    def get(self, handle: int) -> Event:
+        ev = self.events.get(handle)
+        if ev is None:
+            raise EfiError(S.INVALID_PARAMETER, f"{handle:#x} is not an event")
+        return ev
+
+    # --- creation -------------------------------------------------------------------------
+    def create(self, type_: int, notify_tpl: int, notify_function: int, notify_context: int,
+               group: uuid.UUID | None = None) -> int:
+        """CreateEvent / CreateEventEx (§7.1)."""
+        if type_ not in _VALID_TYPES and type_ & ~(EVT_TIMER | EVT_RUNTIME | EVT_NOTIFY_WAIT | EVT_NOTIFY_SIGNAL):
+            raise EfiError(S.INVALID_PARAMETER, f"event type {type_:#x}")
+        if group is not None and type_ in (EVT_SIGNAL_EXIT_BOOT_SERVICES, EVT_SIGNAL_VIRTUAL_ADDRESS_CHANGE):
+            raise EfiError(S.INVALID_PARAMETER, "group given with an implicit-group type")
+        if type_ == EVT_SIGNAL_EXIT_BOOT_SERVICES:
+            group = EVENT_GROUP_EXIT_BOOT_SERVICES
+        elif type_ == EVT_SIGNAL_VIRTUAL_ADDRESS_CHANGE:
+            group = EVENT_GROUP_VIRTUAL_ADDRESS_CHANGE
+        notify = type_ & (EVT_NOTIFY_WAIT | EVT_NOTIFY_SIGNAL)
+        if notify == (EVT_NOTIFY_WAIT | EVT_NOTIFY_SIGNAL):
+            raise EfiError(S.INVALID_PARAMETER, "both NOTIFY_WAIT and NOTIFY_SIGNAL")
+        if notify:
+            if not notify_function:
+                raise EfiError(S.INVALID_PARAMETER, "notify event without NotifyFunction")
+            if not TPL_APPLICATION < notify_tpl < TPL_HIGH_LEVEL:
+                raise EfiError(S.INVALID_PARAMETER, f"NotifyTpl {notify_tpl}")
+        handle = self.new_handle()
+        self._order += 1
+        self.events[handle] = Event(handle, type_, notify_tpl, notify_function, notify_context,
+                                    group, order=self._order)
+        return handle
+
+    def close(self, handle: int) -> None:
+        ev = self.get(handle)
+        self.pending = [p for p in self.pending if p is not ev]
+        del self.events[handle]
+        self.free_handle(handle)
+
+    # --- signalling -----------------------------------------------------------------------
+    def signal(self, handle: int) -> None:
+        """SignalEvent (§7.1): a grouped event signals its whole group."""
+        ev = self.get(handle)
+        if ev.group is not None:
+            self.signal_group(ev.group)
+        else:
+            self._signal_one(ev)
+        self.dispatch()
+
+    def signal_group(self, group: uuid.UUID) -> None:
+        for ev in sorted(self.events.values(), key=lambda e: e.order):
+            if ev.group == group:
+                self._signal_one(ev)
+
+    def _signal_one(self, ev: Event) -> None:
+        if ev.signaled:
+            return
+        if ev.type & EVT_NOTIFY_SIGNAL:
+            if ev not in self.pending:  # a NOTIFY_SIGNAL event is cleared as its notify is queued
+                self.pending.append(ev)
+        else:
+            ev.signaled = True
+
+    def dispatch(self) -> None:
+        """Run queued notify functions whose TPL is above the current one, highest first."""
+        while True:
+            ready = [e for e in self.pending if e.notify_tpl > self.tpl]
+            if not ready:
+                return
+            ev = max(ready, key=lambda e: (e.notify_tpl, -e.order))
+            self.pending.remove(ev)
+            old = self.tpl
+            self.tpl = ev.notify_tpl
+            try:
+                self.call_notify(ev.notify_function, ev.handle, ev.notify_context)
+            finally:
+                self.tpl = old
+
+    # --- TPL --------------------------------------------------------------------------------
+    def raise_tpl(self, new: int) -> int:
+        old = self.tpl
+        if new < old or new > TPL_HIGH_LEVEL:
+            raise EfiError(S.INVALID_PARAMETER, f"RaiseTPL({new}) from {old}")
+        self.tpl = new
+        return old
+
+    def restore_tpl(self, old: int) -> None:
+        if old > self.tpl:
+            raise EfiError(S.INVALID_PARAMETER, f"RestoreTPL({old}) above current {self.tpl}")
+        self.tpl = old
+        self.dispatch()
+
+    # --- timers -----------------------------------------------------------------------------
+    def set_timer(self, handle: int, kind: int, trigger_100ns: int) -> None:
+        ev = self.get(handle)
+        if not ev.type & EVT_TIMER:
+            raise EfiError(S.INVALID_PARAMETER, "not a timer event")
+        now = self.clock()
+        if kind == TIMER_CANCEL:
+            ev.timer_deadline = None
+        elif kind == TIMER_RELATIVE:
+            ev.timer_deadline = now + trigger_100ns * _TICK
+            ev.timer_period = 0.0
+        elif kind == TIMER_PERIODIC:
+            period = max(trigger_100ns * _TICK, 1e-3)
+            ev.timer_deadline = now + period
+            ev.timer_period = period
+        else:
+            raise EfiError(S.INVALID_PARAMETER, f"timer type {kind}")
+
+    def poll_timers(self) -> None:
+        now = self.clock()
+        fired = False
+        for ev in list(self.events.values()):
+            if ev.timer_deadline is not None and now >= ev.timer_deadline:
+                if ev.timer_period:
+                    ev.timer_deadline += ev.timer_period * max(1, int((now - ev.timer_deadline) / ev.timer_period) + 1)
+                else:
+                    ev.timer_deadline = None
+                if ev.group is not None:
+                    self.signal_group(ev.group)
+                else:
+                    self._signal_one(ev)
+                fired = True
+        if fired:
+            self.dispatch()
+
+    def next_deadline(self) -> float | None:
+        ds = [e.timer_deadline for e in self.events.values() if e.timer_deadline is not None]
+        return min(ds) if ds else None
+
+    # --- waiting ----------------------------------------------------------------------------
+    def check(self, handle: int) -> bool:
+        """CheckEvent semantics: True (and cleared) when signaled; NOTIFY_SIGNAL → INVALID_PARAMETER."""
+        ev = self.get(handle)
+        if ev.type & EVT_NOTIFY_SIGNAL:
+            raise EfiError(S.INVALID_PARAMETER, "CheckEvent on a NOTIFY_SIGNAL event")
+        if not ev.signaled and ev.type & EVT_NOTIFY_WAIT:
+            old = self.tpl
+            self.tpl = max(self.tpl, ev.notify_tpl)
+            try:
+                self.call_notify(ev.notify_function, ev.handle, ev.notify_context)
+            finally:
+                self.tpl = old
+        if ev.signaled:
+            ev.signaled = False
+            return True
+        return False

@@ -1,0 +1,115 @@
+"""Image services (UEFI 2.10 §7.4 LoadImage, StartImage, Exit, UnloadImage) and the
+EFI_LOADED_IMAGE_PROTOCOL (§9.1) every image gets on its own handle."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import structlog
+
+from hostsvc import devicepath as DP
+from hostsvc import guids as G
+from hostsvc import status as S
+from hostsvc.memory import AllocType, MemType
+from hostsvc.status import EfiError
+from vmrun import layout as L
+from vmrun import pe as PE
+from vmrun.errors import VmrunError
+
+log = structlog.get_logger("hostsvc.images")
+
+LOADED_IMAGE_REVISION = 0x1000
+LOADED_IMAGE_SIZE = 96
+
+
+@dataclass
+class Image:
+    handle: int
+    name: str
+    pe: PE.PEImage
+    base: int
+    size: int
+    pages: int
+    entry: int
+    loaded_image: int
+    started: bool = False
+    exit_status: int | None = None
+    exit_data: tuple[int, int] = (0, 0)
+
+
+class ImageExit(Exception):
+    """Raised by Exit(): unwinds to the StartImage that started ``handle``."""
+    unwinds_guest = True
+
+    def __init__(self, handle: int, status: int, data_size: int, data: int):
+        self.handle, self.status, self.data_size, self.data = handle, status, data_size, data
+
+
+def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | None = None,
+               device_handle: int = 0, file_path_nodes: list | None = None) -> Image:
+    """Place ``pe`` in LoaderCode pages (at its ImageBase when free, else top-down below
+    4 GiB), apply relocations, and install LoadedImage + LoadedImageDevicePath on a new handle."""
+    pages = (pe.size_of_image + L.PAGE_SIZE - 1) // L.PAGE_SIZE
+    code_type = {10: MemType.LoaderCode, 11: MemType.BootServicesCode,
+                 12: MemType.RuntimeServicesCode}.get(pe.subsystem, MemType.LoaderCode)
+    base = None
+    if pe.image_base and pe.image_base % L.PAGE_SIZE == 0:
+        try:
+            base = fw.alloc.allocate_pages(AllocType.Address, code_type, pages, pe.image_base, owner=name)
+        except EfiError:
+            base = None
+    if base is None:
+        try:
+            base = fw.alloc.allocate_pages(AllocType.MaxAddress, code_type, pages, L.FIRMWARE_BELOW - 1,
+                                           owner=name)
+        except EfiError:
+            base = fw.alloc.allocate_pages(AllocType.AnyPages, code_type, pages, owner=name)
+    try:
+        memimage = pe.load(base)
+    except VmrunError as e:
+        fw.alloc.free_pages(base, pages)
+        raise EfiError(S.LOAD_ERROR, str(e)) from None
+    fw.mem.write(base, memimage)
+    data_type = {10: MemType.LoaderData, 11: MemType.BootServicesData,
+                 12: MemType.RuntimeServicesData}.get(pe.subsystem, MemType.LoaderData)
+
+    options_ptr, options_size = 0, 0
+    if load_options is not None:
+        raw = (load_options + "\0").encode("utf-16-le")
+        options_ptr = fw.pool(len(raw), MemType.LoaderData)
+        fw.mem.write(options_ptr, raw)
+        options_size = len(raw)
+    nodes = file_path_nodes or []
+    file_path = fw.device_path(nodes)
+    li = fw.pool(LOADED_IMAGE_SIZE)
+    handle = fw.handles.install(None, G.LOADED_IMAGE, li)
+    image_dp = fw.device_path(nodes)
+    fw.handles.install(handle, G.LOADED_IMAGE_DEVICE_PATH, image_dp)
+    unload = fw.machine.fw.thunk(fw.unload_thunk_id) if getattr(fw, "unload_thunk_id", None) is not None else 0
+    fw.mem.write(li, struct.pack("<I4xQQQQQI4xQQQIIQ", LOADED_IMAGE_REVISION, parent, fw.system_table,
+                                 device_handle, file_path, 0, options_size, options_ptr, base,
+                                 pages * L.PAGE_SIZE, code_type, data_type, 0))
+    del unload
+    img = Image(handle, name, pe, base, pages * L.PAGE_SIZE, pages, base + pe.entry_rva, li)
+    fw.images[handle] = img
+    log.info("image.loaded", name=name, base=hex(base), size=hex(img.size), entry=hex(img.entry),
+             handle=hex(handle))
+    return img
+
+
+def start_image(fw, img: Image) -> int:
+    """Call the entry point; return its status (or Exit()'s)."""
+    if img.started:
+        raise EfiError(S.INVALID_PARAMETER, f"{img.name} already started")
+    img.started = True
+    top = fw.stack_top if fw.machine.call_depth == 0 else None
+    try:
+        status = fw.machine.call_guest(img.entry, (img.handle, fw.system_table), stack_top=top)
+    except ImageExit as e:
+        if e.handle != img.handle:
+            raise
+        status = e.status
+        img.exit_data = (e.data_size, e.data)
+    img.exit_status = status
+    return status

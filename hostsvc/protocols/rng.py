@@ -1,0 +1,43 @@
+"""EFI_RNG_PROTOCOL (UEFI 2.10 §37.5) backed by the host's randomness (os.urandom)."""
+
+from __future__ import annotations
+
+import os
+
+from hostsvc import guids as G
+from hostsvc import status as S
+from hostsvc.dispatch import OPTGUIDPTR, OPTPTR, PTR, UINTN, efiapi
+from hostsvc.status import EfiError
+
+RNG_ORDER = ["GetInfo", "GetRNG"]
+ALGORITHMS = [G.RNG_ALGORITHM_RAW]
+
+
+class Rng:
+    def __init__(self, fw):
+        self.fw = fw
+        self.mem = fw.mem
+
+    def install(self) -> int:
+        iface = self.fw.interface("Rng", self, RNG_ORDER)
+        return self.fw.handles.install(None, G.RNG, iface)
+
+    @efiapi("GetInfo", ("this", PTR), ("rng_algorithm_list_size", PTR), ("rng_algorithm_list", OPTPTR))
+    def get_info(self, this, rng_algorithm_list_size, rng_algorithm_list):
+        need = 16 * len(ALGORITHMS)
+        have = self.mem.read_u64(rng_algorithm_list_size)
+        self.mem.write_u64(rng_algorithm_list_size, need)
+        if have < need:
+            raise EfiError(S.BUFFER_TOO_SMALL, f"{need} bytes")
+        if not rng_algorithm_list:
+            raise EfiError(S.INVALID_PARAMETER, "RNGAlgorithmList is NULL")
+        self.mem.write(rng_algorithm_list, b"".join(G.guid_to_bytes(a) for a in ALGORITHMS))
+
+    @efiapi("GetRNG", ("this", PTR), ("rng_algorithm", OPTGUIDPTR), ("rng_value_length", UINTN),
+            ("rng_value", PTR))
+    def get_rng(self, this, rng_algorithm, rng_value_length, rng_value):
+        if rng_value_length == 0:
+            raise EfiError(S.INVALID_PARAMETER, "RNGValueLength is 0")
+        if rng_algorithm is not None and rng_algorithm not in ALGORITHMS:
+            raise EfiError(S.UNSUPPORTED, f"algorithm {G.guid_name(rng_algorithm)}")
+        self.mem.write(rng_value, os.urandom(rng_value_length))

@@ -1,0 +1,109 @@
+"""EFI_RUNTIME_SERVICES before ExitBootServices (UEFI 2.10 §4.5, §8).
+
+Time comes from the host clock; variables from :class:`hostsvc.variables.VariableStore`.
+After ExitBootServices there is no host: the handoff points every entry at guest code that
+returns EFI_UNSUPPORTED (``rt_unsupported`` in guest/firmware.S).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import struct
+
+from hostsvc import guids as G
+from hostsvc import status as S
+from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U32, UINTN, efiapi
+from hostsvc.status import EfiError
+
+RUNTIME_SERVICES_ORDER = [
+    "GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime",
+    "SetVirtualAddressMap", "ConvertPointer",
+    "GetVariable", "GetNextVariableName", "SetVariable",
+    "GetNextHighMonotonicCount", "ResetSystem",
+    "UpdateCapsule", "QueryCapsuleCapabilities", "QueryVariableInfo",
+]
+
+EFI_UNSPECIFIED_TIMEZONE = 0x07FF
+MAX_NAME_CHARS = 1024
+
+
+class ResetSystemCalled(Exception):
+    def __init__(self, reset_type: int, status: int):
+        self.reset_type, self.status = reset_type, status
+
+
+class RuntimeServices:
+    def __init__(self, fw, now=None):
+        self.fw = fw
+        self.mem = fw.mem
+        self.now = now or (lambda: _dt.datetime.now(_dt.timezone.utc))
+        self.high_count = 0
+
+    @efiapi("GetTime", ("time", PTR), ("capabilities", OPTPTR))
+    def get_time(self, time, capabilities):
+        """§8.3 GetTime: EFI_TIME in UTC (TimeZone 0), from the host clock."""
+        t = self.now()
+        self.mem.write(time, struct.pack("<HBBBBBBIhBB", t.year, t.month, t.day, t.hour, t.minute,
+                                         t.second, 0, t.microsecond * 1000, 0, 0, 0))
+        if capabilities:
+            self.mem.write(capabilities, struct.pack("<IIB3x", 1, 1_000_000, 0))
+
+    @efiapi("GetVariable", ("variable_name", PTR), ("vendor_guid", GUIDPTR), ("attributes", OPTPTR),
+            ("data_size", PTR), ("data", OPTPTR))
+    def get_variable(self, variable_name, vendor_guid, attributes, data_size, data):
+        name = self.mem.read_utf16z(variable_name, MAX_NAME_CHARS)
+        var = self.fw.variables.get(name, vendor_guid)
+        have = self.mem.read_u64(data_size)
+        self.mem.write_u64(data_size, len(var.data))
+        if have < len(var.data):
+            raise EfiError(S.BUFFER_TOO_SMALL, f"{name} has {len(var.data)} bytes")
+        if not data:
+            raise EfiError(S.INVALID_PARAMETER, "Data is NULL")
+        self.mem.write(data, var.data)
+        if attributes:
+            self.mem.write_u32(attributes, var.attributes)
+
+    @efiapi("GetNextVariableName", ("variable_name_size", PTR), ("variable_name", PTR),
+            ("vendor_guid", PTR))
+    def get_next_variable_name(self, variable_name_size, variable_name, vendor_guid):
+        size = self.mem.read_u64(variable_name_size)
+        current = self.mem.read_utf16z(variable_name, max(1, min(size // 2, MAX_NAME_CHARS)))
+        guid = G.guid_from_bytes(self.mem.read(vendor_guid, 16))
+        var = self.fw.variables.next_name(current, guid)
+        raw = (var.name + "\0").encode("utf-16-le")
+        self.mem.write_u64(variable_name_size, len(raw))
+        if size < len(raw):
+            raise EfiError(S.BUFFER_TOO_SMALL, f"next name needs {len(raw)} bytes")
+        self.mem.write(variable_name, raw)
+        self.mem.write(vendor_guid, G.guid_to_bytes(var.guid))
+
+    @efiapi("SetVariable", ("variable_name", PTR), ("vendor_guid", GUIDPTR), ("attributes", U32),
+            ("data_size", UINTN), ("data", OPTPTR))
+    def set_variable(self, variable_name, vendor_guid, attributes, data_size, data):
+        name = self.mem.read_utf16z(variable_name, MAX_NAME_CHARS)
+        if data_size and not data:
+            raise EfiError(S.INVALID_PARAMETER, "Data is NULL")
+        payload = self.mem.read(data, data_size) if data_size else b""
+        self.fw.variables.set(name, vendor_guid, attributes, payload)
+
+    @efiapi("QueryVariableInfo", ("attributes", U32), ("maximum_variable_storage_size", PTR),
+            ("remaining_variable_storage_size", PTR), ("maximum_variable_size", PTR))
+    def query_variable_info(self, attributes, maximum_variable_storage_size,
+                            remaining_variable_storage_size, maximum_variable_size):
+        if attributes == 0:
+            raise EfiError(S.INVALID_PARAMETER, "Attributes is 0")
+        used = sum(len(v.data) + 2 * len(v.name) for v in self.fw.variables.vars.values())
+        total = 256 * 1024
+        self.mem.write_u64(maximum_variable_storage_size, total)
+        self.mem.write_u64(remaining_variable_storage_size, max(total - used, 0))
+        self.mem.write_u64(maximum_variable_size, 64 * 1024)
+
+    @efiapi("GetNextHighMonotonicCount", ("high_count", PTR))
+    def get_next_high_monotonic_count(self, high_count):
+        self.high_count += 1
+        self.mem.write_u32(high_count, self.high_count)
+
+    @efiapi("ResetSystem", ("reset_type", U32), ("reset_status", UINTN), ("data_size", UINTN),
+            ("reset_data", OPTPTR))
+    def reset_system(self, reset_type, reset_status, data_size, reset_data):
+        raise ResetSystemCalled(reset_type, reset_status)

@@ -1,0 +1,124 @@
+"""UEFI variables from an in-memory store (UEFI 2.10 §8.2 Variable Services).
+
+Seeds come from ``--var`` options (:func:`parse_var_option`); every SetVariable the payload
+makes is recorded so the run summary can show what the payload left behind.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import uuid
+from dataclasses import dataclass, field
+
+from hostsvc import status as S
+from hostsvc.status import EfiError
+from vmrun.errors import BadOptionError
+
+NON_VOLATILE = 0x01
+BOOTSERVICE_ACCESS = 0x02
+RUNTIME_ACCESS = 0x04
+HARDWARE_ERROR_RECORD = 0x08
+AUTHENTICATED_WRITE_ACCESS = 0x10
+TIME_BASED_AUTHENTICATED_WRITE_ACCESS = 0x20
+APPEND_WRITE = 0x40
+ENHANCED_AUTHENTICATED_ACCESS = 0x80
+_KNOWN_ATTRS = 0xFF
+
+GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
+
+
+@dataclass
+class Variable:
+    name: str
+    guid: uuid.UUID
+    attributes: int
+    data: bytes
+
+
+@dataclass
+class VariableStore:
+    vars: dict[tuple[str, uuid.UUID], Variable] = field(default_factory=dict)
+    writes: list[dict] = field(default_factory=list)
+
+    def seed(self, name: str, guid: uuid.UUID, data: bytes,
+             attributes: int = NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS) -> None:
+        self.vars[(name, guid)] = Variable(name, guid, attributes, data)
+
+    def get(self, name: str, guid: uuid.UUID) -> Variable:
+        v = self.vars.get((name, guid))
+        if v is None:
+            raise EfiError(S.NOT_FOUND, f"{name}-{guid}")
+        return v
+
+    def next_name(self, name: str, guid: uuid.UUID) -> Variable:
+        keys = list(self.vars)
+        if name == "":
+            idx = 0
+        else:
+            try:
+                idx = keys.index((name, guid)) + 1
+            except ValueError:
+                raise EfiError(S.INVALID_PARAMETER, f"{name}-{guid} is not a variable") from None
+        if idx >= len(keys):
+            raise EfiError(S.NOT_FOUND, "no more variables")
+        return self.vars[keys[idx]]
+
+    def set(self, name: str, guid: uuid.UUID, attributes: int, data: bytes) -> None:
+        """SetVariable (§8.2): DataSize 0 or Attributes 0 deletes; APPEND_WRITE appends."""
+        if not name:
+            raise EfiError(S.INVALID_PARAMETER, "empty variable name")
+        if attributes & ~_KNOWN_ATTRS:
+            raise EfiError(S.INVALID_PARAMETER, f"unknown attributes {attributes:#x}")
+        if attributes & (AUTHENTICATED_WRITE_ACCESS | TIME_BASED_AUTHENTICATED_WRITE_ACCESS
+                         | ENHANCED_AUTHENTICATED_ACCESS):
+            raise EfiError(S.UNSUPPORTED, "authenticated variables are not supported")
+        if attributes & RUNTIME_ACCESS and not attributes & BOOTSERVICE_ACCESS:
+            raise EfiError(S.INVALID_PARAMETER, "RUNTIME_ACCESS without BOOTSERVICE_ACCESS")
+        key = (name, guid)
+        existing = self.vars.get(key)
+        append = bool(attributes & APPEND_WRITE)
+        self.writes.append({"name": name, "guid": str(guid), "attributes": attributes,
+                            "size": len(data)})
+        if (not data and not append) or attributes & ~APPEND_WRITE == 0:
+            if existing is None:
+                raise EfiError(S.NOT_FOUND, f"delete of missing {name}")
+            del self.vars[key]
+            return
+        attrs = attributes & ~APPEND_WRITE
+        if existing is not None and existing.attributes != attrs:
+            raise EfiError(S.INVALID_PARAMETER, f"{name} exists with attributes {existing.attributes:#x}")
+        if append and existing is not None:
+            existing.data += data
+            return
+        self.vars[key] = Variable(name, guid, attrs, bytes(data))
+
+
+def parse_var_option(text: str) -> tuple[str, uuid.UUID, bytes]:
+    """``NAME[:GUID]=VALUE`` with VALUE one of ``hex:0a0b``, ``str:text`` (UTF-16LE, NUL added),
+    ``u8:N``, ``u32:N``, ``@FILE`` (raw bytes). The GUID defaults to EFI_GLOBAL_VARIABLE."""
+    if "=" not in text:
+        raise BadOptionError(f"--var {text!r}: expected NAME[:GUID]=VALUE")
+    key, value = text.split("=", 1)
+    name, _, guid_text = key.partition(":")
+    if not name:
+        raise BadOptionError(f"--var {text!r}: empty name")
+    try:
+        guid = uuid.UUID(guid_text) if guid_text else GLOBAL_VARIABLE
+    except ValueError:
+        raise BadOptionError(f"--var {text!r}: {guid_text!r} is not a GUID") from None
+    try:
+        if value.startswith("hex:"):
+            data = bytes.fromhex(value[4:])
+        elif value.startswith("str:"):
+            data = (value[4:] + "\0").encode("utf-16-le")
+        elif value.startswith("u8:"):
+            data = int(value[3:], 0).to_bytes(1, "little")
+        elif value.startswith("u32:"):
+            data = int(value[4:], 0).to_bytes(4, "little")
+        elif value.startswith("@"):
+            data = pathlib.Path(value[1:]).read_bytes()
+        else:
+            raise BadOptionError(f"--var {text!r}: value must start with hex:, str:, u8:, u32: or @")
+    except (ValueError, OverflowError, OSError) as e:
+        raise BadOptionError(f"--var {text!r}: {e}") from None
+    return name, guid, data

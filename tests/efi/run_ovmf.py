@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Run one EFI test application under real firmware (OVMF in QEMU/TCG) and print its console.
+
+    python tests/efi/run_ovmf.py APP.efi [--timeout S] [--until REGEX] [--raw] [--keep DIR]
+
+The app is put on a throw-away FAT disk as EFI/BOOT/BOOTX64.EFI (the removable-media
+default boot file), so OVMF's boot manager starts it with no LoadOptions.  OVMF sends
+ConOut to the serial port; this script captures it, strips the terminal escape sequences
+the firmware adds, and stops QEMU as soon as a line matching --until appears (default:
+the final "DONE <n> passed, <m> failed" line) or after --timeout seconds (default 120).
+
+Exit status: 0 if the --until line appeared, 2 on timeout, 3 if QEMU/OVMF are missing.
+Library use:  from run_ovmf import run_app;  text, finished = run_app(path)
+
+Needs: qemu-system-x86_64 and /usr/share/ovmf/OVMF.fd (apt-get install -y qemu-system-x86 ovmf).
+A virtio-rng device is attached so that OVMF publishes EFI_RNG_PROTOCOL.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+OVMF = os.environ.get("OVMF_FD", "/usr/share/ovmf/OVMF.fd")
+DONE_RE = r"DONE \d+ passed, \d+ failed"
+
+# CSI sequences, charset selection, and other two-byte escapes emitted by the terminal driver
+_ESC = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[@-_]")
+
+
+def clean(raw: bytes) -> str:
+    text = _ESC.sub(b"", raw).decode("utf-8", "replace")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(ch for ch in text if ch == "\n" or ch == "\t" or ch >= " ")
+
+
+def available() -> str | None:
+    """None if QEMU and OVMF are installed, else a reason string."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} not found (apt-get install -y qemu-system-x86)"
+    if not pathlib.Path(OVMF).is_file():
+        return f"{OVMF} not found (apt-get install -y ovmf)"
+    return None
+
+
+def run_app(app: str | os.PathLike, timeout: float = 120.0, until: str = DONE_RE,
+            raw: bool = False, keep: str | os.PathLike | None = None,
+            memory_mb: int = 512) -> tuple[str, bool]:
+    """Boot `app` under OVMF; return (console text, whether `until` appeared)."""
+    reason = available()
+    if reason:
+        raise FileNotFoundError(reason)
+    pattern = re.compile(until)
+    with tempfile.TemporaryDirectory(prefix="vmrun-ovmf-") as tmp:
+        work = pathlib.Path(keep) if keep else pathlib.Path(tmp)
+        disk = work / "esp"
+        boot = disk / "EFI" / "BOOT"
+        boot.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(app, boot / "BOOTX64.EFI")
+        log = work / "serial.log"
+        log.write_bytes(b"")
+        cmd = [
+            QEMU, "-accel", "tcg", "-m", str(memory_mb),
+            "-bios", OVMF,
+            "-nodefaults", "-display", "none", "-monitor", "none",
+            "-serial", f"file:{log}",
+            "-drive", f"format=raw,file=fat:rw:{disk}",
+            "-device", "virtio-rng-pci",
+            "-no-reboot",
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        finished = False
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                text = clean(log.read_bytes())
+                if pattern.search(text):
+                    finished = True
+                    time.sleep(0.3)  # let the rest of the line arrive
+                    break
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.25)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            qemu_out = proc.stdout.read().decode("utf-8", "replace") if proc.stdout else ""
+        data = log.read_bytes()
+        if raw:
+            return data.decode("utf-8", "replace"), finished
+        text = clean(data)
+        if not finished and qemu_out.strip():
+            text += "\n[qemu] " + qemu_out.strip() + "\n"
+        return text, finished
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("app")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--until", default=DONE_RE, help="regex that ends the run (default: DONE line)")
+    p.add_argument("--raw", action="store_true", help="print the serial bytes unfiltered")
+    p.add_argument("--keep", help="work directory to keep (disk tree and serial.log)")
+    a = p.parse_args(argv)
+    try:
+        text, finished = run_app(a.app, a.timeout, a.until, a.raw, a.keep)
+    except FileNotFoundError as e:
+        print(f"run_ovmf: {e}", file=sys.stderr)
+        return 3
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if not finished:
+        print(f"run_ovmf: timed out after {a.timeout:g}s without /{a.until}/", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

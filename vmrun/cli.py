@@ -1,0 +1,148 @@
+"""Command line: click commands only; the work is in vmrun.runner and friends."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import click
+
+from vmrun import layout as L
+from vmrun import logs
+from vmrun.errors import OUTCOME_EXIT_CODES, BadOptionError, VmrunError
+
+_SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = 1
+    if t and t[-1] in _SIZE_SUFFIX:
+        mult, t = _SIZE_SUFFIX[t[-1]], t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise BadOptionError(f"--memory-cap {text!r}: expected a size like 512M or 2G") from None
+    if value <= 0:
+        raise BadOptionError(f"--memory-cap {text!r}: must be positive")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json-logs", is_flag=True, help="Logs as one JSON object a line (stderr).")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
+@click.option("--debug", is_flag=True, hidden=True, help="Show Python tracebacks.")
+@click.pass_context
+def cli(ctx, json_logs, verbose, quiet, debug):
+    """Run PE/EFI kernels the way firmware would, in a KVM micro-VM, up to ExitBootServices."""
+    logs.configure(json_logs=json_logs, verbose=verbose, quiet=quiet)
+    ctx.obj = {"debug": debug}
+
+
+def _run_options(f):
+    opts = [
+        click.option("--cmdline", default="", help="Kernel command line (LoadedImage LoadOptions, UTF-16)."),
+        click.option("--initrd", type=click.Path(path_type=pathlib.Path), default=None,
+                     help="Initrd served through LoadFile2 on the Linux initrd media device path."),
+        click.option("--memmap", type=click.Path(path_type=pathlib.Path), default=None,
+                     help="Target memory map (/proc/iomem, /sys/firmware/memmap copy, or BIOS-e820 lines); "
+                          "default: this host's."),
+        click.option("--timeout", type=float, default=L.DEFAULT_TIMEOUT_S, show_default=True,
+                     help="Wall-clock limit of the run in seconds."),
+        click.option("--memory-cap", default="2G", show_default=True,
+                     help="Most guest memory the payload may allocate."),
+        click.option("--var", "variables", multiple=True, metavar="NAME[:GUID]=VALUE",
+                     help="Seed a UEFI variable (VALUE: hex:…, str:…, u8:N, u32:N or @FILE)."),
+        click.option("--trace", is_flag=True, help="List every service call with arguments and status."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object (see README: JSON output)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command()
+@click.argument("payload", type=click.Path(path_type=pathlib.Path))
+@_run_options
+def run(payload, cmdline, initrd, memmap, timeout, memory_cap, variables, trace, as_json):
+    """Run PAYLOAD to ExitBootServices and print a summary."""
+    from hostsvc.variables import parse_var_option
+    from vmrun.runner import RunOptions, run_payload
+
+    if timeout <= 0:
+        raise BadOptionError(f"--timeout {timeout:g}: must be positive")
+    opts = RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
+                      memory_cap=parse_size(memory_cap), trace=trace,
+                      variables=[parse_var_option(v) for v in variables])
+    result = run_payload(payload, opts)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        _print_summary(result, trace)
+    sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
+
+
+def _print_summary(result, trace: bool) -> None:
+    echo = click.echo
+    if trace and result.trace:
+        for t in result.trace:
+            args = ", ".join(f"{k}={v}" for k, v in t["args"].items())
+            mark = "" if t["implemented"] else "  [UNIMPLEMENTED]"
+            note = f"  ({t['note']})" if t["note"] else ""
+            echo(f"{t['seq']:5d} {'  ' * (t['depth'])}{t['service']}({args}) = {t['status']}{mark}{note}")
+    p = result.payload
+    echo(f"payload:  {p['name']} ({p['size']} bytes, sha256 {p['sha256'][:16]}…, "
+         f"{'signed' if p['signed'] else 'unsigned'})")
+    echo(f"outcome:  {result.outcome} after {result.seconds:.3f} s, {result.calls} service calls")
+    if result.error:
+        echo(f"error:    {result.error['message']}")
+    if result.exit_status is not None:
+        from hostsvc.status import name
+        echo(f"status:   {name(result.exit_status)}")
+    echo("services: " + ", ".join(f"{k}×{v}" for k, v in sorted(result.services.items())))
+    if result.unimplemented:
+        echo("unimplemented (answered EFI_UNSUPPORTED): "
+             + ", ".join(f"{k}×{v}" for k, v in sorted(result.unimplemented.items())))
+    if result.emulated:
+        echo("emulated: " + ", ".join(f"{k}×{v}" for k, v in sorted(result.emulated.items())))
+    lx = result.linux
+    if lx:
+        echo(f"linux:    boot_params at {lx['boot_params']:#x} (boot protocol {lx['protocol']}), "
+             f"cmdline {lx['cmdline']!r}")
+        echo(f"          initrd {lx['ramdisk_size']} bytes at {lx['ramdisk_image']:#x}; "
+             f"{len(lx['e820'])} e820 entries; EFI system table {'ok' if lx['efi_systab_matches'] else 'MISMATCH'}")
+    if result.console.strip():
+        echo("console:")
+        for line in result.console.replace("\r", "").rstrip("\n").split("\n"):
+            echo(f"  | {line}")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vmrun: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except VmrunError as e:
+        if debug:
+            raise
+        click.echo(f"vmrun: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("vmrun: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 — the promise is: no traceback unless --debug
+        if debug:
+            raise
+        click.echo(f"vmrun: internal error: {type(e).__name__}: {e} (run with --debug for a traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

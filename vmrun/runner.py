@@ -1,0 +1,272 @@
+"""Run one EFI payload in a fresh micro-VM until ExitBootServices (or a fault, a timeout, or the
+payload returning), and describe what happened.
+
+``run_payload`` is the whole job behind ``vmrun run``; the CLI only formats its
+:class:`RunResult`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from hostsvc import guids as G
+from hostsvc import status as S
+from hostsvc.boot_services import BOOT_SERVICES_ORDER, BootServices, ExitBootServicesCalled
+from hostsvc.firmware import (BOOT_SERVICES_SIGNATURE, EFI_2_70, HEADER_SIZE, RUNTIME_SERVICES_SIGNATURE,
+                              Firmware, FirmwareOptions, table_header, write_crc)
+from hostsvc.images import ImageExit, load_image, start_image
+from hostsvc.memmap import TargetMemoryMap
+from hostsvc.memory import MemType
+from hostsvc.protocols.console import TextInput, TextOutput
+from hostsvc.protocols.initrd import InitrdLoadFile2
+from hostsvc.protocols.rng import Rng
+from hostsvc.runtime_services import RUNTIME_SERVICES_ORDER, ResetSystemCalled, RuntimeServices
+from vmrun import layout as L
+from vmrun import linux
+from vmrun import pe as PE
+from vmrun.devices import standard_bus
+from vmrun.emulate import Emulator
+from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, RunTimeout, VmrunError)
+from vmrun.machine import Machine, RunLimits
+
+log = structlog.get_logger("vmrun.runner")
+
+
+@dataclass
+class RunOptions:
+    cmdline: str = ""
+    initrd: pathlib.Path | None = None
+    memmap: pathlib.Path | None = None
+    timeout: float = L.DEFAULT_TIMEOUT_S
+    memory_cap: int = L.DEFAULT_MEMORY_CAP
+    trace: bool = False
+    variables: list[tuple[str, Any, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class FrozenState:
+    """The guest as ExitBootServices left it: what the handoff turns into kexec segments."""
+    regs: dict[str, int]
+    sregs: dict[str, int]
+    fpu: bytes
+    image_handle: int
+    map_key: int
+    system_table: int
+    descriptors: list
+    allocations: list
+    config_tables: list[tuple[str, int]]
+
+
+@dataclass
+class RunResult:
+    outcome: str
+    seconds: float
+    payload: dict
+    services: dict[str, int]
+    unimplemented: dict[str, int]
+    console: str
+    serial: str
+    exit_status: int | None = None
+    error: dict | None = None
+    error_obj: VmrunError | None = None
+    image: dict | None = None
+    emulated: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    variables: list[dict] = field(default_factory=list)
+    config_tables: list[dict] = field(default_factory=list)
+    linux: dict | None = None
+    trace: list[dict] | None = None
+    frozen: FrozenState | None = None
+    machine: Machine | None = None
+    firmware: Firmware | None = None
+
+    @property
+    def calls(self) -> int:
+        return sum(self.services.values())
+
+    def to_json(self) -> dict:
+        d = {
+            "outcome": self.outcome,
+            "seconds": round(self.seconds, 4),
+            "calls": self.calls,
+            "services": dict(sorted(self.services.items())),
+            "unimplemented": dict(sorted(self.unimplemented.items())),
+            "payload": self.payload,
+            "image": self.image,
+            "exit_status": None if self.exit_status is None else S.name(self.exit_status),
+            "error": self.error,
+            "console": self.console,
+            "serial": self.serial,
+            "emulated": dict(sorted(self.emulated.items())),
+            "stats": self.stats,
+            "memory": self.memory,
+            "variables": self.variables,
+            "config_tables": self.config_tables,
+            "linux": self.linux,
+        }
+        if self.frozen is not None:
+            f = self.frozen
+            d["frozen"] = {"rip": hex(f.regs["rip"]), "rsp": hex(f.regs["rsp"]), "cr3": hex(f.sregs["cr3"]),
+                           "map_key": f.map_key, "system_table": hex(f.system_table)}
+        if self.trace is not None:
+            d["trace"] = self.trace
+        return d
+
+
+def _install_tables(fw: Firmware) -> tuple[int, int]:
+    bs = BootServices(fw)
+    rt = RuntimeServices(fw)
+    ids_bs = fw.table.register_all("BootServices", bs, BOOT_SERVICES_ORDER)
+    ids_rt = fw.table.register_all("RuntimeServices", rt, RUNTIME_SERVICES_ORDER)
+    thunk = fw.machine.fw.thunk
+    bs_size = HEADER_SIZE + 8 * len(ids_bs)
+    bs_addr = fw.pool(bs_size, MemType.BootServicesData)
+    fw.mem.write(bs_addr, table_header(BOOT_SERVICES_SIGNATURE, EFI_2_70, bs_size)
+                 + b"".join(thunk(i).to_bytes(8, "little") for i in ids_bs))
+    write_crc(fw.mem, bs_addr)
+    rt_size = HEADER_SIZE + 8 * len(ids_rt)
+    rt_addr = fw.pool(rt_size, MemType.RuntimeServicesData)
+    fw.mem.write(rt_addr, table_header(RUNTIME_SERVICES_SIGNATURE, EFI_2_70, rt_size)
+                 + b"".join(thunk(i).to_bytes(8, "little") for i in ids_rt))
+    write_crc(fw.mem, rt_addr)
+    fw.boot_services_table, fw.runtime_services_table = bs_addr, rt_addr
+    return bs_addr, rt_addr
+
+
+def _freeze(fw: Firmware, e: ExitBootServicesCalled) -> FrozenState:
+    vcpu = fw.machine.vcpu
+    regs = vcpu.get_regs()
+    regs.rax = S.SUCCESS  # what ExitBootServices returns on the real machine
+    sregs = vcpu.get_sregs()
+    r = {n: getattr(regs, n) for n, _ in regs._fields_}
+    sr = {n: getattr(sregs, n) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")}
+    return FrozenState(
+        regs=r, sregs=sr, fpu=bytes(vcpu.get_fpu()), image_handle=e.image_handle, map_key=e.map_key,
+        system_table=fw.system_table, descriptors=fw.alloc.descriptors(),
+        allocations=list(fw.alloc.allocations),
+        config_tables=[(str(g), t) for g, t in fw.config.entries])
+
+
+def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = False) -> RunResult:
+    """Run ``path`` to ExitBootServices. Input errors raise; run outcomes are returned.
+
+    With ``keep`` the machine stays alive in the result (for staging a handoff or for tests
+    that inspect guest memory); the caller must then call ``result.machine.close()``.
+    """
+    path = pathlib.Path(path)
+    image = PE.load_file(path)
+    data = image.data
+    initrd = None
+    if options.initrd is not None:
+        try:
+            initrd = pathlib.Path(options.initrd).read_bytes()
+        except OSError as e:
+            raise InputFileError(f"cannot read initrd {options.initrd}: {e.strerror}") from None
+    target = TargetMemoryMap.from_file(options.memmap) if options.memmap else TargetMemoryMap.from_host()
+
+    payload_info = {"path": str(path), "name": path.name, "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(), "signed": image.signed}
+    t0 = time.monotonic()
+    machine = Machine([(r.start, r.end) for r in target.ram()],
+                      RunLimits(timeout=options.timeout, memory_cap=options.memory_cap))
+    fw = None
+    serial_lines: list[str] = []
+    outcome, error, exit_status, frozen = "", None, None, None
+    error_obj = None
+    emulator = None
+    try:
+        fw = Firmware(machine, target, FirmwareOptions(cmdline=options.cmdline, initrd=initrd,
+                                                       trace=options.trace, memory_cap=options.memory_cap))
+        for name, guid, value in options.variables:
+            fw.variables.seed(name, guid, value)
+        bs, rt = _install_tables(fw)
+        con_out = TextOutput(fw)
+        out_handle, out_iface = con_out.install("stdout")
+        err_handle, err_iface = con_out.install("stderr")
+        con_in = TextInput(fw)
+        in_handle, in_iface = con_in.install()
+        st = fw.build_system_table(bs, rt, in_handle, in_iface, out_handle, out_iface)
+        fw.mem.write_u64(st + 72, err_handle)
+        fw.mem.write_u64(st + 80, err_iface)
+        write_crc(fw.mem, st)
+        Rng(fw).install()
+        if initrd is not None:
+            InitrdLoadFile2(fw, initrd).install()
+
+        def uart_line(line: str) -> None:
+            serial_lines.append(line)
+            log.info("serial", text=line)
+
+        bus, uart = standard_bus(uart_line)
+        emulator = Emulator(bus)
+        machine.exception_handler = emulator.handle
+        img = load_image(fw, image, path.name, 0, load_options=options.cmdline)
+        log.info("run.start", payload=path.name, entry=hex(img.entry), timeout=options.timeout)
+        machine.start_watchdog()
+        try:
+            exit_status = start_image(fw, img)
+            outcome = "payload_returned"
+            error = {"kind": "payload_returned",
+                     "message": f"{path.name} returned {S.name(exit_status)} without calling ExitBootServices"}
+        except ExitBootServicesCalled as e:
+            frozen = _freeze(fw, e)
+            outcome = "exit_boot_services"
+        except ImageExit as e:
+            exit_status = e.status
+            outcome = "payload_returned"
+            error = {"kind": "payload_returned",
+                     "message": f"{path.name} called Exit({S.name(e.status)}) without calling ExitBootServices"}
+        except ResetSystemCalled as e:
+            outcome = "reset"
+            error = {"kind": "reset", "message": f"payload called ResetSystem(type {e.reset_type}, "
+                                                 f"{S.name(e.status)})"}
+        except PayloadFault as e:
+            outcome, error = "fault", {"kind": e.kind, "message": str(e), **_jsonable(e.details)}
+            error_obj = e
+        except RunTimeout as e:
+            outcome, error = "timeout", {"kind": e.kind, "message": str(e), **_jsonable(e.details)}
+            error_obj = e
+        except MemoryCapExceeded as e:
+            outcome, error = "memory_cap", {"kind": e.kind, "message": str(e)}
+            error_obj = e
+        finally:
+            machine.stop_watchdog()
+            uart.flush()
+        seconds = time.monotonic() - t0
+        result = RunResult(
+            outcome=outcome, seconds=seconds, payload=payload_info,
+            services=dict(fw.table.counts), unimplemented=dict(fw.table.unimplemented_calls),
+            console=fw.console, serial="\n".join(serial_lines), exit_status=exit_status, error=error,
+            image={"base": hex(img.base), "entry": hex(img.entry), "size": img.size,
+                   "handle": hex(img.handle)},
+            emulated=dict(emulator.counts),
+            stats={"exits": machine.stats.exits, "hypercalls": machine.stats.hypercalls,
+                   "exceptions": machine.stats.exceptions,
+                   "host_service_seconds": round(fw.table.host_seconds, 4)},
+            memory={"target": target.source, "target_digest": target.digest(),
+                    "allocated_bytes": fw.alloc.allocated_bytes(), "cap_bytes": options.memory_cap},
+            variables=fw.variables.writes,
+            config_tables=[{"guid": str(g), "name": G.guid_name(g), "address": hex(t)}
+                           for g, t in fw.config.entries],
+            trace=[vars(t) for t in fw.table.trace] if options.trace else None,
+            frozen=frozen, machine=machine, firmware=fw)
+        if outcome in ("fault", "timeout", "memory_cap"):
+            result.error_obj = error_obj
+        if frozen is not None:
+            result.linux = linux.describe_boot_params(fw.mem, fw.alloc.allocations, fw.system_table)
+        log.info("run.end", outcome=outcome, seconds=round(seconds, 3), calls=result.calls)
+        return result
+    finally:
+        if not keep:
+            machine.close()
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (hex(v) if isinstance(v, int) and k in ("rip", "address") else v) for k, v in d.items()}
