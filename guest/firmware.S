@@ -83,5 +83,6 @@ svc_thunks:
         ret
         .set    i, i + 1
         .endr
+        .p2align 4
         .globl  svc_thunks_end
 svc_thunks_end:

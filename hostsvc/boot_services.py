@@ -20,6 +20,7 @@ from hostsvc import status as S
 from hostsvc.dispatch import (BOOL, EVENT, GUIDPTR, HANDLE, OPTGUIDPTR, OPTPTR, PTR, TPL, U32, U64,
                               UINTN, efiapi)
 from hostsvc.events import TPL_APPLICATION
+from hostsvc.handles import AlreadyStartedError
 from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION
 from hostsvc.status import EfiError
 from vmrun import pe as PE
@@ -94,6 +95,7 @@ class BootServices:
     @efiapi("CloseEvent", ("event", EVENT))
     def close_event(self, event):
         self.fw.events.close(event)
+        self.fw.handles.unregister_event(event)
 
     @efiapi("CheckEvent", ("event", EVENT))
     def check_event(self, event):
@@ -193,7 +195,8 @@ class BootServices:
     @efiapi("LocateHandle", ("search_type", U32), ("protocol", OPTGUIDPTR), ("search_key", OPTPTR),
             ("buffer_size", PTR), ("buffer", OPTPTR))
     def locate_handle(self, search_type, protocol, search_key, buffer_size, buffer):
-        found = self.fw.handles.locate_handle(search_type, protocol, search_key)
+        # a size probe must not consume the next ByRegisterNotify handle
+        found = self.fw.handles.locate_handle(search_type, protocol, search_key, consume=False)
         need = 8 * len(found)
         have = self.mem.read_u64(buffer_size)
         self.mem.write_u64(buffer_size, need)
@@ -201,6 +204,7 @@ class BootServices:
             raise EfiError(S.BUFFER_TOO_SMALL, f"{len(found)} handles")
         if not buffer:
             raise EfiError(S.INVALID_PARAMETER, "Buffer is NULL")
+        found = self.fw.handles.locate_handle(search_type, protocol, search_key)
         self.mem.write(buffer, b"".join(struct.pack("<Q", h) for h in found))
 
     @efiapi("LocateHandleBuffer", ("search_type", U32), ("protocol", OPTGUIDPTR), ("search_key", OPTPTR),
@@ -229,6 +233,10 @@ class BootServices:
             raise EfiError(S.INVALID_PARAMETER, "Interface is NULL")
         try:
             value = self.fw.handles.open_protocol(handle, protocol, agent_handle, controller_handle, attributes)
+        except AlreadyStartedError as e:  # the spec still returns the interface
+            if interface and attributes != 0x04:
+                self.mem.write_u64(interface, e.interface)
+            raise
         except EfiError as e:
             if interface and e.status == S.UNSUPPORTED:
                 self.mem.write_u64(interface, 0)

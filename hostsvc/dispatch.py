@@ -96,6 +96,7 @@ class TraceEntry:
     depth: int
     implemented: bool
     note: str = ""
+    t: float = 0.0  # seconds since the table was created
 
 
 @dataclass
@@ -110,6 +111,7 @@ class ServiceTable:
     seq: int = 0
     host_seconds: float = 0.0
     before_call: Callable[[], None] | None = None
+    t0: float = field(default_factory=time.perf_counter)
 
     def register(self, group: str, func: Callable) -> int:
         name, params, variadic = func.__efiapi__
@@ -183,7 +185,7 @@ class ServiceTable:
         self.host_seconds += time.perf_counter() - t0
         if self.trace_enabled:
             self.trace.append(TraceEntry(seq, svc.name, svc.group, shown, S.name(status), self.depth,
-                                         svc.implemented, note))
+                                         svc.implemented, note, round(t0 - self.t0, 6)))
         if not svc.implemented:
             log.info("efi.unimplemented", service=svc.name, group=svc.group)
         return status

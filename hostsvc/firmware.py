@@ -94,7 +94,7 @@ class Firmware:
         self.events = Events(call_notify=self._call_notify, new_handle=self._new_object,
                              free_handle=self._free_object)
         self.handles = HandleDB(new_handle=self._new_object, read_device_path=self._read_device_path,
-                                signal_event=self.events.signal)
+                                signal_event=self.events.signal, free_handle=self._free_object)
         machine.service_handler = lambda m, sid, regs: self.table.dispatch(sid, regs)
         machine.locate_rip = self.locate_rip
 
@@ -209,6 +209,7 @@ class Firmware:
     def unload_image(self, img) -> None:
         """Free an image that has not been started (UnloadImage, or Exit before StartImage)."""
         self.alloc.free_pages(img.base, img.pages)
+        self.handles.close_all_by_agent(img.handle)
         for guid in (G.LOADED_IMAGE_DEVICE_PATH, G.LOADED_IMAGE):
             iface = self.handles.handle_protocol(img.handle, guid)
             self.handles.uninstall(img.handle, guid, iface)

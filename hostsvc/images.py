@@ -112,4 +112,5 @@ def start_image(fw, img: Image) -> int:
         status = e.status
         img.exit_data = (e.data_size, e.data)
     img.exit_status = status
+    fw.handles.close_all_by_agent(img.handle)
     return status

@@ -39,7 +39,8 @@ class Region:
 class GuestMemory:
     """A set of non-overlapping, page-aligned guest-physical ranges, each backed by host memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, huge_pages: bool = True) -> None:
+        self.huge_pages = huge_pages
         self.regions: list[Region] = []
         self._starts: list[int] = []
 
@@ -51,6 +52,11 @@ class GuestMemory:
                 raise ValueError(f"guest region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
         m = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if self.huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:  # 2 MiB host pages: far fewer first-touch faults for a decompressing kernel
+                m.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
         host = ctypes.addressof(ctypes.c_char.from_buffer(m))
         region = Region(gpa, size, m, memoryview(m), host)
         idx = bisect.bisect(self._starts, gpa)

@@ -193,6 +193,7 @@ class kvm_run(ctypes.Structure):
         ("exit", _kvm_run_exit),
         ("kvm_valid_regs", u64),
         ("kvm_dirty_regs", u64),
+        ("s", u8 * 2048),  # union { struct kvm_sync_regs regs; char padding[SYNC_REGS_SIZE_BYTES]; }
     ]
 
 
