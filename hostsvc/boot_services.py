@@ -50,6 +50,7 @@ MAX_VARIADIC_PAIRS = 64
 
 class ExitBootServicesCalled(Exception):
     """ExitBootServices succeeded: the run ends here, frozen (the caller builds the state)."""
+    trace_status = "SUCCESS"
 
     def __init__(self, image_handle: int, map_key: int):
         self.image_handle = image_handle

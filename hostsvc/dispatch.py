@@ -180,6 +180,14 @@ class ServiceTable:
         except GuestMemoryError as e:
             status = S.INVALID_PARAMETER
             note = f"bad pointer: {e}"
+        except BaseException as e:
+            # the call does not return to the guest here (ExitBootServices, Exit, ResetSystem,
+            # a fault in a nested call): trace it with what it means, then let it unwind
+            if self.trace_enabled:
+                self.trace.append(TraceEntry(seq, svc.name, svc.group, shown,
+                                             getattr(e, "trace_status", type(e).__name__), self.depth,
+                                             svc.implemented, str(e)[:200], round(t0 - self.t0, 6)))
+            raise
         if not svc.implemented:
             self.unimplemented_calls[svc.name] += 1
         self.host_seconds += time.perf_counter() - t0

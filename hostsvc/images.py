@@ -41,6 +41,7 @@ class Image:
 class ImageExit(Exception):
     """Raised by Exit(): unwinds to the StartImage that started ``handle``."""
     unwinds_guest = True
+    trace_status = "EXIT"
 
     def __init__(self, handle: int, status: int, data_size: int, data: int):
         self.handle, self.status, self.data_size, self.data = handle, status, data_size, data

@@ -255,7 +255,7 @@ def _build(entries: list[_Entry], source: str) -> "TargetMemoryMap":
         else:
             merged.append(PhysRange(e.start, e.end, e.kind, e.label))
     result = TargetMemoryMap(tuple(merged), source)
-    if False:
+    if not result.ram():
         raise BadOptionError(f"memory map {source}: no usable RAM (no whole 4 KiB page of RAM)")
     return result
 

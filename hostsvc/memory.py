@@ -50,7 +50,7 @@ FIRMWARE = "firmware"
 
 
 class MemType(enum.IntEnum):
-    """EFI_MEMORY_TYPE (UEFI 2.10 §7.2.1, Table 7.5)."""
+    """EFI_MEMORY_TYPE (UEFI 2.10 §7.2.1 AllocatePages, Related Definitions)."""
 
     ReservedMemoryType = 0
     LoaderCode = 1

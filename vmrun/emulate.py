@@ -135,7 +135,9 @@ class Emulator:
             raise self._fault(machine, frame, "undecodable instruction", code)
         handled = self._emulate(machine, frame, regs, sregs, ins)
         if not handled:
-            raise self._fault(machine, frame, "privileged instruction not emulated", code)
+            raise self._fault(machine, frame, "not an instruction vmrun emulates at CPL 3 "
+                                              "(a privileged instruction, an unknown port or MSR, "
+                                              "or a non-canonical/protected access)", code)
         frame.rip += ins.len
         machine.vcpu.set_regs(regs)
 

@@ -270,3 +270,35 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
 
 def _jsonable(d: dict) -> dict:
     return {k: (hex(v) if isinstance(v, int) and k in ("rip", "address") else v) for k, v in d.items()}
+
+
+def continue_after_ebs(result: RunResult, seconds: float = 10.0) -> VmrunError:
+    """Resume a frozen run as if ExitBootServices had returned EFI_SUCCESS, until the payload
+    does something only the real machine can do (for a Linux stub: the first privileged
+    instruction of the kernel proper). Returns that fault (or a timeout).
+
+    A diagnostic: it shows what the stub does after EBS (e.g. the e820 table it builds) and
+    that it accepted our ExitBootServices. Boot service calls after EBS are a fault.
+    """
+    if result.frozen is None or result.machine is None:
+        raise ValueError("continue_after_ebs needs a frozen run kept alive (run_payload(keep=True))")
+    m, fw = result.machine, result.firmware
+    regs = m.vcpu.get_regs()
+    regs.rax = S.SUCCESS
+    m.vcpu.set_regs(regs)
+
+    def after_ebs(machine, sid, regs):
+        name = fw.table.services[sid].name if sid < len(fw.table.services) else str(sid)
+        raise PayloadFault(f"{name} called after ExitBootServices (rip {regs.rip:#x})", rip=regs.rip,
+                           service=name)
+
+    m.service_handler = after_ebs
+    m.limits.timeout = seconds
+    m.start_watchdog()
+    try:
+        m._loop()
+    except (PayloadFault, RunTimeout) as e:
+        return e
+    finally:
+        m.stop_watchdog()
+    return PayloadFault("the payload returned to the firmware after ExitBootServices")

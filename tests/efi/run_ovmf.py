@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run one EFI test application under real firmware (OVMF in QEMU/TCG) and print its console.
 
-    python tests/efi/run_ovmf.py APP.efi [--timeout S] [--until REGEX] [--raw] [--keep DIR]
+    python tests/efi/run_ovmf.py APP.efi [--timeout S] [--until REGEX] [--full] [--raw] [--keep DIR]
 
 The app is put on a throw-away FAT disk as EFI/BOOT/BOOTX64.EFI (the removable-media
 default boot file), so OVMF's boot manager starts it with no LoadOptions.  OVMF sends
@@ -52,8 +52,11 @@ def available() -> str | None:
 
 def run_app(app: str | os.PathLike, timeout: float = 120.0, until: str = DONE_RE,
             raw: bool = False, keep: str | os.PathLike | None = None,
-            memory_mb: int = 512) -> tuple[str, bool]:
-    """Boot `app` under OVMF; return (console text, whether `until` appeared)."""
+            memory_mb: int = 512, full: bool = False) -> tuple[str, bool]:
+    """Boot `app` under OVMF; return (console text, whether `until` appeared).
+
+    The text ends with the line that matched `until` unless `full` is true.
+    """
     reason = available()
     if reason:
         raise FileNotFoundError(reason)
@@ -102,6 +105,11 @@ def run_app(app: str | os.PathLike, timeout: float = 120.0, until: str = DONE_RE
         if raw:
             return data.decode("utf-8", "replace"), finished
         text = clean(data)
+        if finished and not full:
+            # cut after the line that ended the run: what follows is the boot manager's
+            m = pattern.search(text)
+            nl = text.find("\n", m.end())
+            text = text[: nl + 1] if nl >= 0 else text
         if not finished and qemu_out.strip():
             text += "\n[qemu] " + qemu_out.strip() + "\n"
         return text, finished
@@ -115,10 +123,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--until", default=DONE_RE, help="regex that ends the run (default: DONE line)")
     p.add_argument("--raw", action="store_true", help="print the serial bytes unfiltered")
+    p.add_argument("--full", action="store_true", help="keep the console text after the --until line")
     p.add_argument("--keep", help="work directory to keep (disk tree and serial.log)")
     a = p.parse_args(argv)
     try:
-        text, finished = run_app(a.app, a.timeout, a.until, a.raw, a.keep)
+        text, finished = run_app(a.app, a.timeout, a.until, a.raw, a.keep, full=a.full)
     except FileNotFoundError as e:
         print(f"run_ovmf: {e}", file=sys.stderr)
         return 3

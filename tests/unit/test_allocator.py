@@ -1,4 +1,8 @@
-"""hostsvc.memory: AllocatePages/FreePages/AllocatePool/FreePool/GetMemoryMap bookkeeping."""
+"""hostsvc.memory: AllocatePages/FreePages/AllocatePool/FreePool/GetMemoryMap bookkeeping.
+
+The property tests at the end need ``hypothesis`` (a test dependency); without it they are
+reported as skipped, never silently absent.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,13 @@ import struct
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+try:  # the property tests need hypothesis (see the module doc)
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+    HAVE_HYPOTHESIS = True
+except ImportError:  # pragma: no cover
+    HAVE_HYPOTHESIS = False
 
 from hostsvc import status
 from hostsvc.memmap import TargetMemoryMap
@@ -66,7 +74,10 @@ def check_consistent(a: Allocator) -> None:
         assert x.start + x.pages * P <= y.start
     for x in allocs:
         assert x.start % P == 0 and x.pages > 0 and in_ram(x.start, x.start + x.pages * P)
-    pieces = sorted([(x.start, x.start + x.pages * P) for x in allocs] + a.free_ranges())
+    free = a.free_ranges()
+    for (s1, e1), (s2, e2) in zip(free, free[1:]):
+        assert e1 < s2, "free runs not sorted, overlapping or not merged"
+    pieces = sorted([(x.start, x.start + x.pages * P) for x in allocs] + free)
     merged: list[list[int]] = []
     for s, e in pieces:
         assert not merged or merged[-1][1] <= s
@@ -323,6 +334,17 @@ def test_free_pages_roundtrip() -> None:
     assert (a.free_ranges(), a.descriptors()) == before
     assert a.allocated_bytes() == 0
     assert a.allocate_pages(ANY, LD, 10) == x  # reused
+
+
+def test_free_pages_merges_both_neighbours() -> None:
+    a = new()
+    before = a.free_ranges()
+    x = a.allocate_pages(ANY, LD, 3)
+    y = a.allocate_pages(ANY, LD, 2)
+    a.free_pages(x, 3)
+    a.free_pages(y, 2)          # merges with the run below and the run above
+    assert a.free_ranges() == before
+    assert a.allocate_pages(ANY, LD, 5) == x + 3 * P - 5 * P
 
 
 def test_free_pages_errors() -> None:
@@ -639,6 +661,11 @@ def test_descriptors_scale_with_allocations_not_pages() -> None:
 
 
 # --- property test ---------------------------------------------------------------------------
+if not HAVE_HYPOTHESIS:  # pragma: no cover
+    @pytest.mark.skip(reason="hypothesis is not installed: the allocator property tests did not run")
+    def test_property_tests_need_hypothesis() -> None:
+        pass
+
 SMALL = TargetMemoryMap.from_text("""\
 0x0 0x3ffff System RAM
 0x40000 0x4ffff Reserved
@@ -648,181 +675,184 @@ SMALL = TargetMemoryMap.from_text("""\
 0x100000000 0x10001ffff System RAM
 """)
 SMALL_RAM = [(r.start, r.end) for r in SMALL.ram()]
-TYPES = st.sampled_from([1, 2, 3, 4, 5, 6, 9, 0x80000000])
-ADDRS = st.integers(0, 0x100030000 // P).map(lambda n: n * P) | st.sampled_from(
-    [0, 0x3F000, 0x50000, 0xA0000, 0xFFFFF000, 0x100000000, 0x10001F000])
+
+if HAVE_HYPOTHESIS:
+    TYPES = st.sampled_from([1, 2, 3, 4, 5, 6, 9, 0x80000000])
+    ADDRS = st.integers(0, 0xA1).map(lambda n: n * P) | st.integers(0, 0x100030000 // P).map(
+        lambda n: n * P) | st.sampled_from(
+        [0, 0x3F000, 0x50000, 0xA0000, 0xFFFFF000, 0x100000000, 0x10001F000])
 
 
-class AllocatorMachine(RuleBasedStateMachine):
-    """Random AllocatePages/FreePages/AllocatePool/FreePool against a page-level model."""
+    class AllocatorMachine(RuleBasedStateMachine):
+        """Random AllocatePages/FreePages/AllocatePool/FreePool against a page-level model."""
 
-    @initialize()
-    def setup(self) -> None:
-        self.a = Allocator(SMALL, cap_bytes=1 << 40)
-        self.model: dict[int, int] = {0: MemType.BootServicesData}  # page → type (page allocs)
-        self.pools: dict[int, tuple[int, int]] = {}   # address → (size, type)
-        self.pages: list[tuple[int, int]] = []        # live AllocatePages runs (address, pages)
-        self.key = self.a.map_key
+        @initialize()
+        def setup(self) -> None:
+            self.a = Allocator(SMALL, cap_bytes=1 << 40)
+            self.model: dict[int, int] = {0: MemType.BootServicesData}  # page → type (page allocs)
+            self.pools: dict[int, tuple[int, int]] = {}   # address → (size, type)
+            self.pages: list[tuple[int, int]] = []        # live AllocatePages runs (address, pages)
+            self.key = self.a.map_key
 
-    def _pool_pages(self) -> dict[int, int]:
-        return {p: y.mem_type for y in self.a.allocations if y.pool
-                for p in range(y.start, y.start + y.pages * P, P)}
+        def _pool_pages(self) -> dict[int, int]:
+            return {p: y.mem_type for y in self.a.allocations if y.pool
+                    for p in range(y.start, y.start + y.pages * P, P)}
 
-    def _free_in_model(self, s: int, n: int) -> bool:
-        pool = self._pool_pages()
-        return all(p not in self.model and p not in pool
-                   and any(rs <= p and p + P <= re for rs, re in SMALL_RAM)
-                   for p in range(s, s + n * P, P))
+        def _free_in_model(self, s: int, n: int) -> bool:
+            pool = self._pool_pages()
+            return all(p not in self.model and p not in pool
+                       and any(rs <= p and p + P <= re for rs, re in SMALL_RAM)
+                       for p in range(s, s + n * P, P))
 
-    def _changed(self, did: bool) -> None:
-        if did:
-            assert self.a.map_key == self.key + 1
-        else:
-            assert self.a.map_key == self.key
-        self.key = self.a.map_key
+        def _changed(self, did: bool) -> None:
+            if did:
+                assert self.a.map_key == self.key + 1
+            else:
+                assert self.a.map_key == self.key
+            self.key = self.a.map_key
 
-    @rule(kind=st.sampled_from([ANY, MAX, ADDR]), mt=TYPES, n=st.integers(0, 40), addr=ADDRS)
-    def allocate(self, kind: int, mt: int, n: int, addr: int) -> None:
-        was_free = self._free_in_model(addr, n) if kind == ADDR else None
-        try:
-            x = self.a.allocate_pages(kind, mt, n, addr)
-        except EfiError as e:
-            self._changed(False)
-            if kind == ADDR and n:
-                assert e.status == status.NOT_FOUND and not was_free
-            return
-        self._changed(True)
-        assert n > 0
-        pool = self._pool_pages()
-        assert all(p not in pool and any(rs <= p and p + P <= re for rs, re in SMALL_RAM)
-                   for p in range(x, x + n * P, P))
-        if kind == ADDR:
-            assert x == addr and was_free
-        if kind == MAX:
-            assert x + n * P - 1 <= addr
-        for p in range(x, x + n * P, P):
-            assert p not in self.model
-            self.model[p] = mt
-        self.pages.append((x, n))
+        @rule(kind=st.sampled_from([ANY, MAX, ADDR]), mt=TYPES, n=st.integers(0, 40), addr=ADDRS)
+        def allocate(self, kind: int, mt: int, n: int, addr: int) -> None:
+            was_free = self._free_in_model(addr, n) if kind == ADDR else None
+            try:
+                x = self.a.allocate_pages(kind, mt, n, addr)
+            except EfiError as e:
+                self._changed(False)
+                if kind == ADDR and n:
+                    assert e.status == status.NOT_FOUND and not was_free
+                return
+            self._changed(True)
+            assert n > 0
+            pool = self._pool_pages()
+            assert all(p not in pool and any(rs <= p and p + P <= re for rs, re in SMALL_RAM)
+                       for p in range(x, x + n * P, P))
+            if kind == ADDR:
+                assert x == addr and was_free
+            if kind == MAX:
+                assert x + n * P - 1 <= addr
+            for p in range(x, x + n * P, P):
+                assert p not in self.model
+                self.model[p] = mt
+            self.pages.append((x, n))
 
-    @rule(data=st.data())
-    def free(self, data) -> None:
-        if not self.pages:
-            return
-        i = data.draw(st.integers(0, len(self.pages) - 1))
-        x, n = self.pages[i]
-        off = data.draw(st.integers(0, n - 1))
-        cnt = data.draw(st.integers(1, n - off))
-        self.a.free_pages(x + off * P, cnt)
-        self._changed(True)
-        for p in range(x + off * P, x + (off + cnt) * P, P):
-            del self.model[p]
-        rest = [(x, off), (x + (off + cnt) * P, n - off - cnt)]
-        self.pages[i:i + 1] = [r for r in rest if r[1] > 0]
+        @rule(data=st.data())
+        def free(self, data) -> None:
+            if not self.pages:
+                return
+            i = data.draw(st.integers(0, len(self.pages) - 1))
+            x, n = self.pages[i]
+            off = data.draw(st.integers(0, n - 1))
+            cnt = data.draw(st.integers(1, n - off))
+            self.a.free_pages(x + off * P, cnt)
+            self._changed(True)
+            for p in range(x + off * P, x + (off + cnt) * P, P):
+                del self.model[p]
+            rest = [(x, off), (x + (off + cnt) * P, n - off - cnt)]
+            self.pages[i:i + 1] = [r for r in rest if r[1] > 0]
 
-    @rule(addr=ADDRS, n=st.integers(1, 4))
-    def free_wild(self, addr: int, n: int) -> None:
-        owned = all(any(x <= p < x + c * P for x, c in self.pages)
-                    for p in range(addr, addr + n * P, P))
-        try:
-            self.a.free_pages(addr, n)
-        except EfiError as e:
-            assert e.status == status.NOT_FOUND and not owned
-            self._changed(False)
-            return
-        assert owned
-        self._changed(True)
-        for p in range(addr, addr + n * P, P):
-            del self.model[p]
-        new = []
-        for x, c in self.pages:
-            e = x + c * P
-            if e <= addr or x >= addr + n * P:
-                new.append((x, c))
+        @rule(addr=ADDRS, n=st.integers(1, 4))
+        def free_wild(self, addr: int, n: int) -> None:
+            owned = all(any(x <= p < x + c * P for x, c in self.pages)
+                        for p in range(addr, addr + n * P, P))
+            try:
+                self.a.free_pages(addr, n)
+            except EfiError as e:
+                assert e.status == status.NOT_FOUND and not owned
+                self._changed(False)
+                return
+            assert owned
+            self._changed(True)
+            for p in range(addr, addr + n * P, P):
+                del self.model[p]
+            new = []
+            for x, c in self.pages:
+                e = x + c * P
+                if e <= addr or x >= addr + n * P:
+                    new.append((x, c))
+                    continue
+                if x < addr:
+                    new.append((x, (addr - x) // P))
+                if e > addr + n * P:
+                    new.append((addr + n * P, (e - addr - n * P) // P))
+            self.pages = new
+
+        @rule(mt=TYPES, size=st.integers(0, 3 * P))
+        def pool(self, mt: int, size: int) -> None:
+            before = self._pool_pages()
+            try:
+                x = self.a.allocate_pool(mt, size)
+            except EfiError as e:
+                assert e.status == status.OUT_OF_RESOURCES
+                self._changed(False)
+                return
+            after = self._pool_pages()
+            self._changed(after.keys() != before.keys())
+            assert x % 8 == 0
+            for y, (n, _) in self.pools.items():
+                assert x + max(size, 1) <= y or y + max(n, 1) <= x
+            for p in range(x & ~(P - 1), x + max(size, 1), P):
+                assert after.get(p) == mt
+            assert not (after.keys() - before.keys()) & self.model.keys()
+            self.pools[x] = (size, mt)
+
+        @rule(data=st.data())
+        def free_pool(self, data) -> None:
+            if not self.pools:
+                return
+            x = data.draw(st.sampled_from(sorted(self.pools)))
+            before = self._pool_pages()
+            del self.pools[x]
+            self.a.free_pool(x)
+            after = self._pool_pages()
+            self._changed(after.keys() != before.keys())
+            assert after.keys() <= before.keys()
+            assert err(self.a.free_pool, x) == status.INVALID_PARAMETER
+
+        @invariant()
+        def consistent(self) -> None:
+            if not hasattr(self, "a"):
+                return
+            check_consistent(self.a)
+            pool = self._pool_pages()
+            assert not pool.keys() & self.model.keys()
+            # descriptors, expanded to pages, equal the model on every RAM page
+            for d in self.a.descriptors():
+                for p in range(d.start, d.start + d.pages * P, P):
+                    in_ram = any(rs <= p and p + P <= re for rs, re in SMALL_RAM)
+                    if not in_ram:
+                        assert d.type in (MemType.ReservedMemoryType, MemType.ACPIReclaimMemory)
+                    else:
+                        assert d.type == self.model.get(p, pool.get(p, CONV)), hex(p)
+            for x, (n, mt) in self.pools.items():
+                assert all(pool.get(p) == mt for p in range(x & ~(P - 1), x + max(n, 1), P))
+            assert self.a.allocated_bytes() == P * (len(self.model) - 1 + len(pool))
+
+
+    TestAllocatorMachine = AllocatorMachine.TestCase
+    TestAllocatorMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None, database=None,
+                                             suppress_health_check=[HealthCheck.too_slow])
+
+
+    @given(st.lists(st.tuples(st.integers(1, 64), st.booleans()), max_size=30))
+    @settings(max_examples=100, deadline=None, database=None)
+    def test_top_down_any_pages_never_leaves_higher_fit(reqs) -> None:
+        """AllocateAnyPages returns the highest fit below 4 GiB: no free run below 4 GiB ends
+        higher than the chosen block while being able to hold it."""
+        a = new(target=SMALL)
+        live = []
+        for n, free_one in reqs:
+            try:
+                x = a.allocate_pages(ANY, LD, n)
+            except EfiError:
                 continue
-            if x < addr:
-                new.append((x, (addr - x) // P))
-            if e > addr + n * P:
-                new.append((addr + n * P, (e - addr - n * P) // P))
-        self.pages = new
-
-    @rule(mt=TYPES, size=st.integers(0, 3 * P))
-    def pool(self, mt: int, size: int) -> None:
-        before = self._pool_pages()
-        try:
-            x = self.a.allocate_pool(mt, size)
-        except EfiError as e:
-            assert e.status == status.OUT_OF_RESOURCES
-            self._changed(False)
-            return
-        after = self._pool_pages()
-        self._changed(after.keys() != before.keys())
-        assert x % 8 == 0
-        for y, (n, _) in self.pools.items():
-            assert x + max(size, 1) <= y or y + max(n, 1) <= x
-        for p in range(x & ~(P - 1), x + max(size, 1), P):
-            assert after.get(p) == mt
-        assert not (after.keys() - before.keys()) & self.model.keys()
-        self.pools[x] = (size, mt)
-
-    @rule(data=st.data())
-    def free_pool(self, data) -> None:
-        if not self.pools:
-            return
-        x = data.draw(st.sampled_from(sorted(self.pools)))
-        before = self._pool_pages()
-        del self.pools[x]
-        self.a.free_pool(x)
-        after = self._pool_pages()
-        self._changed(after.keys() != before.keys())
-        assert after.keys() <= before.keys()
-        assert err(self.a.free_pool, x) == status.INVALID_PARAMETER
-
-    @invariant()
-    def consistent(self) -> None:
-        if not hasattr(self, "a"):
-            return
-        check_consistent(self.a)
-        pool = self._pool_pages()
-        assert not pool.keys() & self.model.keys()
-        # descriptors, expanded to pages, equal the model on every RAM page
-        for d in self.a.descriptors():
-            for p in range(d.start, d.start + d.pages * P, P):
-                in_ram = any(rs <= p and p + P <= re for rs, re in SMALL_RAM)
-                if not in_ram:
-                    assert d.type in (MemType.ReservedMemoryType, MemType.ACPIReclaimMemory)
-                else:
-                    assert d.type == self.model.get(p, pool.get(p, CONV)), hex(p)
-        for x, (n, mt) in self.pools.items():
-            assert all(pool.get(p) == mt for p in range(x & ~(P - 1), x + max(n, 1), P))
-        assert self.a.allocated_bytes() == P * (len(self.model) - 1 + len(pool))
-
-
-TestAllocatorMachine = AllocatorMachine.TestCase
-TestAllocatorMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
-
-
-@given(st.lists(st.tuples(st.integers(1, 64), st.booleans()), max_size=30))
-@settings(max_examples=100, deadline=None)
-def test_top_down_any_pages_never_leaves_higher_fit(reqs) -> None:
-    """AllocateAnyPages returns the highest fit below 4 GiB: no free run below 4 GiB ends
-    higher than the chosen block while being able to hold it."""
-    a = new(target=SMALL)
-    live = []
-    for n, free_one in reqs:
-        try:
-            x = a.allocate_pages(ANY, LD, n)
-        except EfiError:
-            continue
-        if x < 1 << 32:
-            for s, e in a.free_ranges():
-                if e <= 1 << 32 and e - s >= n * P:
-                    assert e <= x, (hex(x), hex(s), hex(e))
-        else:
-            assert all(e - s < n * P for s, e in a.free_ranges() if e <= 1 << 32)
-        live.append((x, n))
-        if free_one and live:
-            y, m = live.pop(0)
-            a.free_pages(y, m)
-        check_consistent(a)
+            if x < 1 << 32:
+                for s, e in a.free_ranges():
+                    if e <= 1 << 32 and e - s >= n * P:
+                        assert e <= x, (hex(x), hex(s), hex(e))
+            else:
+                assert all(e - s < n * P for s, e in a.free_ranges() if e <= 1 << 32)
+            live.append((x, n))
+            if free_one and live:
+                y, m = live.pop(0)
+                a.free_pages(y, m)
+            check_consistent(a)

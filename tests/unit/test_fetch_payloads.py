@@ -7,6 +7,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -188,7 +189,7 @@ def bzimage_version_string(path: Path) -> str:
 @pytest.mark.parametrize("label, version_re, release_re", [
     ("bookworm", r"6\.1\.\d+-\d+.*", r"6\.1\.0-\d+-amd64"),
     ("trixie", r"6\.12\.\d+-\d+.*", r"6\.12\.\d+.*-amd64"),
-])
+], ids=["bookworm", "trixie"])
 def test_kernel_is_pe_bzimage_of_expected_version(request, label, version_re, release_re):
     vmlinuz = request.getfixturevalue(f"{label}_kernel")
     machine, _ = pe_header(vmlinuz)
@@ -249,7 +250,11 @@ def test_tools(payload_cache):
     busybox = payload_cache / "tools" / "busybox"
     kexec = payload_cache / "tools" / "kexec-tools" / "sbin" / "kexec"
     for tool in (busybox, kexec):
-        assert tool.is_file(), f"{tool} missing: run scripts/fetch-payloads"
+        if not tool.is_file():
+            msg = f"{tool} missing: run scripts/fetch-payloads"
+            if os.environ.get("VMRUN_ALLOW_MISSING_PAYLOADS") == "1":
+                pytest.skip(msg)
+            pytest.fail(msg)
         assert tool.read_bytes()[:4] == b"\x7fELF"
     # busybox-static has no program interpreter (PT_INTERP)
     assert b"/lib64/ld-linux" not in busybox.read_bytes()[:4096]

@@ -1,0 +1,175 @@
+"""Hand-assembled guests on a real /dev/kvm micro-VM: hypercalls, nested guest calls,
+privileged-instruction emulation, port I/O devices, and every way a payload can fail."""
+
+import struct
+
+import pytest
+
+from vmrun import layout as L
+from vmrun.devices import standard_bus
+from vmrun.emulate import Emulator
+from vmrun.errors import PayloadFault, RunTimeout
+from vmrun.machine import Machine, RunLimits
+
+pytestmark = pytest.mark.kvm
+
+RAM = 64 << 20
+FW = 0x100000
+CODE = 0x200000
+CODE2 = 0x201000
+STACK_TOP = 0x300000
+
+
+@pytest.fixture
+def vm():
+    m = Machine([(0, RAM)], RunLimits(timeout=10))
+    m.install_firmware(FW, Machine.firmware_area_size(RAM))
+    m.serial = []
+    bus, m.uart = standard_bus(m.serial.append)
+    m.emulator = Emulator(bus)
+    m.exception_handler = m.emulator.handle
+    m.calls = []
+
+    def handler(machine, sid, regs):
+        machine.calls.append((sid, regs.rcx, regs.rdx))
+        return getattr(machine, "svc_result", 0)
+
+    m.service_handler = handler
+    m.start_watchdog()
+    yield m
+    m.close()
+
+
+def run(vm, code: bytes, at: int = CODE) -> int:
+    vm.mem.write(at, code)
+    return vm.call_guest(at, (), stack_top=STACK_TOP)
+
+
+def test_service_thunk_reaches_host_and_returns_rax(vm):
+    thunk = vm.fw.thunk(5)
+    code = (bytes.fromhex("b934120000")            # mov ecx, 0x1234
+            + bytes.fromhex("ba78560000")          # mov edx, 0x5678
+            + bytes.fromhex("ff1501000000")        # call [rip+1]
+            + bytes.fromhex("c3")                  # ret
+            + struct.pack("<Q", thunk))            # the thunk's address
+    vm.svc_result = 0x8000000000000003
+    assert run(vm, code) == 0x8000000000000003
+    assert vm.calls == [(5, 0x1234, 0x5678)]
+
+
+def test_nested_call_into_guest_from_a_service(vm):
+    inner = bytes.fromhex("488d4101") + bytes.fromhex("c3")   # lea rax, [rcx+1] ; ret
+    vm.mem.write(CODE2, inner)
+
+    def handler(machine, sid, regs):
+        return machine.call_guest(CODE2, (41,)) * 2              # the guest computes 42
+
+    vm.service_handler = handler
+    code = (bytes.fromhex("ff1502000000")          # call [rip+2]
+            + bytes.fromhex("c3")                  # ret (returns the service's RAX)
+            + b"\x90"                              # nop (padding)
+            + struct.pack("<Q", vm.fw.thunk(1)))
+    assert run(vm, code) == 84
+
+
+def test_mov_from_cr0_is_emulated(vm):
+    cr0 = run(vm, bytes.fromhex("0f20c0")          # mov rax, cr0   (#GP at CPL 3, emulated)
+              + bytes.fromhex("c3"))               # ret
+    assert cr0 & L.CR0_PG and cr0 & L.CR0_PE
+    assert vm.emulator.counts["mov_from_cr0"] == 1
+
+
+def test_mov_to_cr4_keeps_paging_and_can_be_read_back(vm):
+    code = (bytes.fromhex("0f20e0")                # mov rax, cr4
+            + bytes.fromhex("480d80000000")        # or rax, 0x80 (PGE)
+            + bytes.fromhex("0f22e0")              # mov cr4, rax
+            + bytes.fromhex("0f20e0")              # mov rax, cr4
+            + bytes.fromhex("c3"))                 # ret
+    assert run(vm, code) & 0x80
+    assert vm.vcpu.get_sregs().cr4 & 0x80
+
+
+def test_rdmsr_efer_shows_long_mode(vm):
+    code = (bytes.fromhex("b9800000c0")            # mov ecx, 0xc0000080 (EFER)
+            + bytes.fromhex("0f32")                # rdmsr
+            + bytes.fromhex("c3"))                 # ret (EAX = low half)
+    efer = run(vm, code)
+    assert efer & L.EFER_LME and efer & L.EFER_LMA
+
+
+def test_rdmsr_outside_the_allow_list_is_a_fault(vm):
+    code = (bytes.fromhex("b9310101c0")            # mov ecx, 0xc0010131 (SEV status)
+            + bytes.fromhex("0f32")                # rdmsr
+            + bytes.fromhex("c3"))                 # ret
+    with pytest.raises(PayloadFault, match="rdmsr"):
+        run(vm, code)
+
+
+def test_uart_output_reaches_the_console_log(vm):
+    code = (bytes.fromhex("66baf803")              # mov dx, 0x3f8
+            + bytes.fromhex("b04f")                # mov al, 'O'
+            + bytes.fromhex("ee")                  # out dx, al
+            + bytes.fromhex("b04b")                # mov al, 'K'
+            + bytes.fromhex("ee")                  # out dx, al
+            + bytes.fromhex("b00a")                # mov al, '\n'
+            + bytes.fromhex("ee")                  # out dx, al
+            + bytes.fromhex("c3"))                 # ret
+    run(vm, code)
+    assert vm.serial == ["OK"]
+
+
+def test_cmos_seconds_are_bcd(vm):
+    code = (bytes.fromhex("b000")                  # mov al, 0 (seconds register)
+            + bytes.fromhex("e670")                # out 0x70, al
+            + bytes.fromhex("e471")                # in al, 0x71
+            + bytes.fromhex("480fb6c0")            # movzx rax, al
+            + bytes.fromhex("c3"))                 # ret
+    v = run(vm, code)
+    assert v >> 4 <= 5 and v & 0xF <= 9
+
+
+def test_cli_sti_hlt_wbinvd_are_emulated(vm):
+    code = (bytes.fromhex("fa")                    # cli
+            + bytes.fromhex("fb")                  # sti
+            + bytes.fromhex("f4")                  # hlt
+            + bytes.fromhex("0f09")                # wbinvd
+            + bytes.fromhex("0f0138")              # invlpg [rax]
+            + bytes.fromhex("b807000000")          # mov eax, 7
+            + bytes.fromhex("c3"))                 # ret
+    assert run(vm, code) == 7
+    for what in ("cli", "sti", "hlt", "wbinvd", "invlpg"):
+        assert vm.emulator.counts[what] == 1
+
+
+def test_unsupported_privileged_instruction_is_a_payload_fault(vm):
+    code = bytes.fromhex("0f0118")                 # lidt [rax]
+    with pytest.raises(PayloadFault) as e:
+        run(vm, code)
+    msg = str(e.value)
+    assert "#GP" in msg and "lidt" in msg and "0f 01 18" in msg and f"{CODE:#x}" in msg
+
+
+def test_unknown_port_is_a_payload_fault(vm):
+    code = bytes.fromhex("e4ab")                   # in al, 0xab
+    with pytest.raises(PayloadFault, match="not an instruction vmrun emulates"):
+        run(vm, code)
+
+
+def test_page_fault_reports_the_address(vm):
+    code = bytes.fromhex("48a100000000007f0000")   # movabs rax, [0x7f0000000000] (never mapped)
+    with pytest.raises(PayloadFault, match=r"#PF.*address 0x7f0000000000"):
+        run(vm, code)
+
+
+def test_access_to_unbacked_physical_memory_is_a_payload_fault(vm):
+    code = (bytes.fromhex("b80000d0fe")            # mov eax, 0xfed00000 (HPET: no RAM there)
+            + bytes.fromhex("8b00"))               # mov eax, [rax]
+    with pytest.raises(PayloadFault, match="unbacked guest-physical address 0xfed00000"):
+        run(vm, code)
+
+
+def test_spinning_guest_hits_the_time_limit(vm):
+    vm.limits.timeout = 1.0
+    vm.start_watchdog()
+    with pytest.raises(RunTimeout, match="time limit of 1 s"):
+        run(vm, bytes.fromhex("ebfe"))             # jmp $
