@@ -37,7 +37,6 @@ class RuntimeServices:
         self.fw = fw
         self.mem = fw.mem
         self.now = now or (lambda: _dt.datetime.now(_dt.timezone.utc))
-        self.high_count = 0
 
     @efiapi("GetTime", ("time", PTR), ("capabilities", OPTPTR))
     def get_time(self, time, capabilities):
@@ -100,8 +99,10 @@ class RuntimeServices:
 
     @efiapi("GetNextHighMonotonicCount", ("high_count", PTR))
     def get_next_high_monotonic_count(self, high_count):
-        self.high_count += 1
-        self.mem.write_u32(high_count, self.high_count)
+        """§8.5.2: increments the high 32 bits of the counter GetNextMonotonicCount reads."""
+        high = (self.fw.monotonic_count >> 32) + 1
+        self.fw.monotonic_count = high << 32
+        self.mem.write_u32(high_count, high)
 
     @efiapi("ResetSystem", ("reset_type", U32), ("reset_status", UINTN), ("data_size", UINTN),
             ("reset_data", OPTPTR))

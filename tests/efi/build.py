@@ -39,6 +39,7 @@ APPS = [
     "spin",
     "privileged",
     "emulated",
+    "chain",        # helper for run_ovmf.py --cmdline, not a test
 ]
 
 COMMON = [HERE / "lib.c", HERE / "lib.h", HERE / "include" / "efi.h"]

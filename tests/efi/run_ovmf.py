@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run one EFI test application under real firmware (OVMF in QEMU/TCG) and print its console.
 
-    python tests/efi/run_ovmf.py APP.efi [--timeout S] [--until REGEX] [--full] [--raw] [--keep DIR]
+    python tests/efi/run_ovmf.py APP.efi [--timeout S] [--until REGEX] [--full] [--cmdline] [--raw] [--keep DIR]
 
 The app is put on a throw-away FAT disk as EFI/BOOT/BOOTX64.EFI (the removable-media
 default boot file), so OVMF's boot manager starts it with no LoadOptions.  OVMF sends
@@ -52,10 +52,13 @@ def available() -> str | None:
 
 def run_app(app: str | os.PathLike, timeout: float = 120.0, until: str = DONE_RE,
             raw: bool = False, keep: str | os.PathLike | None = None,
-            memory_mb: int = 512, full: bool = False) -> tuple[str, bool]:
+            memory_mb: int = 512, full: bool = False,
+            chain: str | os.PathLike | None = None) -> tuple[str, bool]:
     """Boot `app` under OVMF; return (console text, whether `until` appeared).
 
     The text ends with the line that matched `until` unless `full` is true.
+    With `chain` (the path of chain.efi), chain.efi is the boot file and starts `app`
+    with LoadOptions "vmrun-test-options 123", as vmrun's --cmdline would.
     """
     reason = available()
     if reason:
@@ -66,7 +69,11 @@ def run_app(app: str | os.PathLike, timeout: float = 120.0, until: str = DONE_RE
         disk = work / "esp"
         boot = disk / "EFI" / "BOOT"
         boot.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(app, boot / "BOOTX64.EFI")
+        if chain:
+            shutil.copyfile(chain, boot / "BOOTX64.EFI")
+            shutil.copyfile(app, boot / "PAYLOAD.EFI")
+        else:
+            shutil.copyfile(app, boot / "BOOTX64.EFI")
         log = work / "serial.log"
         log.write_bytes(b"")
         cmd = [
@@ -124,10 +131,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--until", default=DONE_RE, help="regex that ends the run (default: DONE line)")
     p.add_argument("--raw", action="store_true", help="print the serial bytes unfiltered")
     p.add_argument("--full", action="store_true", help="keep the console text after the --until line")
+    p.add_argument("--cmdline", action="store_true",
+                   help="start the app through chain.efi (next to it) with LoadOptions "
+                        "'vmrun-test-options 123'")
     p.add_argument("--keep", help="work directory to keep (disk tree and serial.log)")
     a = p.parse_args(argv)
+    chain = None
+    if a.cmdline:
+        chain = pathlib.Path(a.app).resolve().parent / "chain.efi"
+        if not chain.is_file():
+            print(f"run_ovmf: {chain} not found (python tests/efi/build.py)", file=sys.stderr)
+            return 3
     try:
-        text, finished = run_app(a.app, a.timeout, a.until, a.raw, a.keep, full=a.full)
+        text, finished = run_app(a.app, a.timeout, a.until, a.raw, a.keep, full=a.full, chain=chain)
     except FileNotFoundError as e:
         print(f"run_ovmf: {e}", file=sys.stderr)
         return 3
