@@ -259,6 +259,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             frozen=frozen, machine=machine, firmware=fw)
         if outcome in ("fault", "timeout", "memory_cap"):
             result.error_obj = error_obj
+        result.uart = uart
         if frozen is not None:
             result.linux = linux.describe_boot_params(fw.mem, fw.alloc.allocations, fw.system_table)
         log.info("run.end", outcome=outcome, seconds=round(seconds, 3), calls=result.calls)

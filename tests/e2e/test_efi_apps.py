@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vmrun.runner import RunOptions, run_payload
+from vmrun.runner import RunOptions, continue_after_ebs, run_payload
 from tests.e2e.efiapps import APPS_DIR, build_apps
 
 pytestmark = [pytest.mark.kvm, pytest.mark.efiapps]
@@ -88,3 +88,35 @@ def test_cli_exit_codes_for_timeout_and_fault(apps):
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == code, p.stderr
         assert "Traceback" not in p.stderr
+
+
+def _uart_lines(result) -> list[str]:
+    return result.uart.output.decode("latin-1").replace("\r", "").splitlines()
+
+
+def test_exit_boot_services_contract(apps):
+    """Stale map key → EFI_INVALID_PARAMETER and no notify; the current key → frozen; resumed
+    as the handoff will (EFI_SUCCESS), the app sees success and its notify ran exactly once."""
+    r = run_payload(apps / "ebs.efi", RunOptions(timeout=30), keep=True)
+    try:
+        assert r.outcome == "exit_boot_services", r.error
+        console = r.console.replace("\r", "")
+        assert not [ln for ln in console.splitlines() if ln.startswith("FAIL")], console
+        assert "ok ebs-stale-key" in console and "ok ebs-no-notify-on-stale-key" in console
+        assert r.services["ExitBootServices"] == 2
+        stop = continue_after_ebs(r, seconds=2)  # the app halts forever after its UART lines
+        assert stop.kind == "timeout"
+        lines = _uart_lines(r)
+        assert lines == ["ok ebs-success", "ok ebs-notify-ran-once", "DONE-EBS"], lines
+    finally:
+        r.machine.close()
+
+
+@pytest.mark.slow
+def test_exit_boot_services_contract_under_ovmf(apps):
+    sys.path.insert(0, str(apps.parent))
+    import run_ovmf
+    text, finished = run_ovmf.run_app(apps / "ebs.efi", timeout=240, until="DONE-EBS")
+    assert finished, text[-2000:]
+    for check in ("ok ebs-stale-key", "ok ebs-no-notify-on-stale-key", "ok ebs-success", "ok ebs-notify-ran-once"):
+        assert check in text, text[-2000:]

@@ -39,6 +39,7 @@ APPS = [
     "spin",
     "privileged",
     "emulated",
+    "ebs",
     "chain",        # helper for run_ovmf.py --cmdline, not a test
 ]
 
