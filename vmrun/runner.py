@@ -47,6 +47,9 @@ class RunOptions:
     memory_cap: int = L.DEFAULT_MEMORY_CAP
     trace: bool = False
     variables: list[tuple[str, Any, bytes]] = field(default_factory=list)
+    # called with the Firmware after the standard protocols exist, before the payload loads;
+    # may return a dict of load_image keyword arguments (device_handle, file_path_nodes)
+    hooks: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -207,7 +210,10 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         bus, uart = standard_bus(uart_line)
         emulator = Emulator(bus)
         machine.exception_handler = emulator.handle
-        img = load_image(fw, image, path.name, 0, load_options=options.cmdline)
+        load_kwargs: dict = {}
+        for hook in options.hooks:
+            load_kwargs.update(hook(fw) or {})
+        img = load_image(fw, image, path.name, 0, load_options=options.cmdline, **load_kwargs)
         log.info("run.start", payload=path.name, entry=hex(img.entry), timeout=options.timeout)
         machine.start_watchdog()
         try:
