@@ -16,10 +16,8 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCE = HERE / "firmware.S"
 SCRIPT = HERE / "firmware.ld"
-BLOB = HERE / "firmware.bin"
-SYMBOLS = HERE / "firmware.sym.json"
+BLOBS = ("firmware", "purgatory")  # guest/<name>.S → guest/<name>.bin + guest/<name>.sym.json
 
 
 def _run(*cmd: str) -> str:
@@ -31,9 +29,9 @@ def _run(*cmd: str) -> str:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{e.stderr}") from None
 
 
-def build(outdir: pathlib.Path) -> tuple[bytes, dict[str, int]]:
-    obj, elf, binf = outdir / "firmware.o", outdir / "firmware.elf", outdir / "firmware.bin"
-    _run("as", "--64", "-o", str(obj), str(SOURCE))
+def build(outdir: pathlib.Path, name: str = "firmware") -> tuple[bytes, dict[str, int]]:
+    obj, elf, binf = outdir / f"{name}.o", outdir / f"{name}.elf", outdir / f"{name}.bin"
+    _run("as", "--64", "-o", str(obj), str(HERE / f"{name}.S"))
     _run("ld", "-T", str(SCRIPT), "--build-id=none", "-o", str(elf), str(obj))
     _run("objcopy", "-O", "binary", str(elf), str(binf))
     symbols = {}
@@ -45,23 +43,26 @@ def build(outdir: pathlib.Path) -> tuple[bytes, dict[str, int]]:
 
 
 def main(argv: list[str]) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        blob, symbols = build(pathlib.Path(tmp))
-    sym_text = json.dumps(symbols, indent=1) + "\n"
+    stale = []
+    for name in BLOBS:
+        blob_path, sym_path = HERE / f"{name}.bin", HERE / f"{name}.sym.json"
+        with tempfile.TemporaryDirectory() as tmp:
+            blob, symbols = build(pathlib.Path(tmp), name)
+        sym_text = json.dumps(symbols, indent=1) + "\n"
+        if "--check" in argv:
+            if not blob_path.exists() or blob_path.read_bytes() != blob:
+                stale.append(blob_path.name)
+            if not sym_path.exists() or sym_path.read_text() != sym_text:
+                stale.append(sym_path.name)
+            continue
+        blob_path.write_bytes(blob)
+        sym_path.write_text(sym_text)
+        print(f"wrote {blob_path.name} ({len(blob)} bytes) and {sym_path.name}")
     if "--check" in argv:
-        stale = []
-        if not BLOB.exists() or BLOB.read_bytes() != blob:
-            stale.append(BLOB.name)
-        if not SYMBOLS.exists() or SYMBOLS.read_text() != sym_text:
-            stale.append(SYMBOLS.name)
         if stale:
             print(f"stale: {', '.join(stale)} (run python -m guest.build)")
             return 1
-        print("guest blob up to date")
-        return 0
-    BLOB.write_bytes(blob)
-    SYMBOLS.write_text(sym_text)
-    print(f"wrote {BLOB.name} ({len(blob)} bytes) and {SYMBOLS.name}")
+        print("guest blobs up to date")
     return 0
 
 

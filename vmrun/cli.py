@@ -84,6 +84,88 @@ def run(payload, cmdline, initrd, memmap, timeout, memory_cap, variables, trace,
     sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
 
 
+@cli.command()
+@click.argument("payload", type=click.Path(path_type=pathlib.Path))
+@click.option("-o", "--output", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Where to write the handoff (ELF64 for kexec -l … -t elf-x86_64 --args-none).")
+@click.option("--allow-stray-writes", is_flag=True, help="Stage even if the payload wrote memory it did not own.")
+@click.option("--acpi-rsdp", default=None, help="Physical address of the target's ACPI RSDP (config table).")
+@_run_options
+def stage(payload, output, allow_stray_writes, acpi_rsdp, cmdline, initrd, memmap, timeout, memory_cap,
+          variables, trace, as_json):
+    """Run PAYLOAD to ExitBootServices and write the kexec handoff to OUTPUT."""
+    from hostsvc.variables import parse_var_option
+    from vmrun.handoff.stage import StageError, stage as do_stage
+    from vmrun.runner import RunOptions, acpi_hook, run_payload
+
+    hooks = [acpi_hook(_parse_address("--acpi-rsdp", acpi_rsdp))] if acpi_rsdp else []
+    opts = RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
+                      memory_cap=parse_size(memory_cap), trace=trace, dirty_log=True, hooks=hooks,
+                      variables=[parse_var_option(v) for v in variables])
+    result = run_payload(payload, opts, keep=True)
+    try:
+        if result.outcome != "exit_boot_services":
+            if as_json:
+                click.echo(json.dumps({"run": result.to_json(), "stage": None}, indent=2, default=str))
+            else:
+                _print_summary(result, trace)
+            sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
+        try:
+            report = do_stage(result, output, allow_stray_writes=allow_stray_writes)
+        except StageError as e:
+            if as_json:
+                click.echo(json.dumps({"run": result.to_json(), "stage": {"error": str(e), **e.details}},
+                                      indent=2, default=str))
+            raise
+        if as_json:
+            click.echo(json.dumps({"run": result.to_json(), "stage": {
+                "path": report.path, "entry": hex(report.entry), "bytes": report.size,
+                "segments": report.segments, "stray_writes": report.stray_writes,
+                "metadata": report.metadata}}, indent=2, default=str))
+        else:
+            _print_summary(result, trace)
+            click.echo(f"staged:   {report.path} ({report.size} bytes, {len(report.segments)} segments, "
+                       f"entry {report.entry:#x})")
+            click.echo(f"          load with: vmrun load {report.path}   "
+                       f"(or kexec -l {report.path} -t elf-x86_64 --args-none)")
+    finally:
+        result.machine.close()
+
+
+def _parse_address(opt: str, text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise BadOptionError(f"{opt} {text!r}: expected an address such as 0xf5270") from None
+
+
+@cli.command()
+@click.argument("staged", type=click.Path(path_type=pathlib.Path))
+@click.option("--crash", is_flag=True, help="Load as the crash (kdump) kernel.")
+def load(staged, crash):
+    """Load a staged handoff with kexec_load(2) (needs root)."""
+    from vmrun import kexec
+    meta = kexec.load(staged, crash=crash)
+    click.echo(f"loaded {staged} ({meta.get('payload', {}).get('name', '?')}, cmdline {meta.get('cmdline', '')!r})"
+               f"{' as the crash kernel' if crash else ''}; `vmrun exec` boots it")
+
+
+@cli.command()
+@click.option("--crash", is_flag=True, help="Unload the crash (kdump) kernel.")
+def unload(crash):
+    """Unload the kexec image."""
+    from vmrun import kexec
+    kexec.unload(crash=crash)
+    click.echo("unloaded")
+
+
+@cli.command(name="exec")
+def exec_():
+    """Reboot into the loaded handoff now (like kexec -e)."""
+    from vmrun import kexec
+    kexec.execute()
+
+
 def _print_summary(result, trace: bool) -> None:
     echo = click.echo
     if trace and result.trace:

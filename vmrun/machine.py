@@ -100,15 +100,18 @@ class Stats:
 class Machine:
     """One VM, one vCPU, guest memory covering the target's RAM ranges."""
 
-    def __init__(self, ram_ranges: list[tuple[int, int]], limits: RunLimits | None = None):
+    def __init__(self, ram_ranges: list[tuple[int, int]], limits: RunLimits | None = None,
+                 dirty_log: bool = False):
         self.limits = limits or RunLimits()
         self.kvm = Kvm()
         self.vm: Vm = self.kvm.create_vm()
         self.mem = GuestMemory()
         self.max_address = 0
+        self.dirty_log = dirty_log
+        flags = abi.KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0
         for slot, (start, end) in enumerate(ram_ranges):
             region = self.mem.add_region(start, end - start)
-            self.vm.set_memory_region(slot, start, end - start, region.host_addr)
+            self.vm.set_memory_region(slot, start, end - start, region.host_addr, flags)
             self.max_address = max(self.max_address, end)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
         self.fw: FirmwareArea | None = None
@@ -303,6 +306,23 @@ class Machine:
         if isinstance(ex, (exits.IoOut, exits.IoIn)):
             raise PayloadFault(f"unexpected port I/O exit ({ex}) at {where}", rip=regs.rip)
         raise KvmError(f"unexpected KVM exit {ex} at {where}")
+
+    def dirty_pages(self) -> list[int]:
+        """Guest-physical pages the guest wrote since the last call (KVM dirty log; host
+        writes through the mapping are not counted)."""
+        if not self.dirty_log:
+            raise KvmError("dirty logging was not enabled for this machine")
+        pages = []
+        for slot, region in self.vm.slots.items():
+            bitmap = self.vm.dirty_log(slot)
+            base = region.guest_phys_addr
+            for i in range(0, len(bitmap), 8):
+                word = int.from_bytes(bitmap[i:i + 8], "little")
+                while word:
+                    bit = (word & -word).bit_length() - 1
+                    pages.append(base + ((i * 8 + bit) << 12))
+                    word &= word - 1
+        return pages
 
     def close(self) -> None:
         self.stop_watchdog()

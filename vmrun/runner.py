@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ class RunOptions:
     # called with the Firmware after the standard protocols exist, before the payload loads;
     # may return a dict of load_image keyword arguments (device_handle, file_path_nodes)
     hooks: list[Any] = field(default_factory=list)
+    dirty_log: bool = False  # KVM dirty-page logging (staging checks for stray writes)
 
 
 @dataclass
@@ -143,6 +145,32 @@ def _install_tables(fw: Firmware) -> tuple[int, int]:
     return bs_addr, rt_addr
 
 
+EFI_RT_PROPERTIES_TABLE_VERSION = 1
+
+
+def acpi_hook(rsdp: int):
+    """A setup hook publishing the target's ACPI 2.0 RSDP address as a configuration table."""
+    def hook(fw: Firmware) -> None:
+        fw.set_config_table(G.ACPI_20_TABLE, rsdp)
+    return hook
+
+
+def _install_runtime_after_ebs(fw: Firmware) -> None:
+    """What remains of the firmware after ExitBootServices: a RuntimeServicesCode page whose code
+    returns EFI_UNSUPPORTED (the handoff points every runtime service at it), and an
+    EFI_RT_PROPERTIES_TABLE (UEFI 2.10 §4.6.2) saying no runtime service is supported."""
+    blob = fw.machine.fw.blob
+    start = blob.symbols["rt_unsupported"]
+    code = blob.code[start:blob.symbols["svc_thunks"]]
+    page = fw.alloc.allocate_pages(1, MemType.RuntimeServicesCode, 1, L.FIRMWARE_BELOW - 1, owner="firmware")
+    fw.mem.fill(page, L.PAGE_SIZE, 0xCC)
+    fw.mem.write(page, code)
+    fw.rt_unsupported = page
+    table = fw.pool(8, MemType.RuntimeServicesData)
+    fw.mem.write(table, struct.pack("<HHI", EFI_RT_PROPERTIES_TABLE_VERSION, 8, 0))
+    fw.set_config_table(G.EFI_RT_PROPERTIES_TABLE, table)
+
+
 def _freeze(fw: Firmware, e: ExitBootServicesCalled) -> FrozenState:
     vcpu = fw.machine.vcpu
     regs = vcpu.get_regs()
@@ -178,7 +206,8 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
                     "sha256": hashlib.sha256(data).hexdigest(), "signed": image.signed}
     t0 = time.monotonic()
     machine = Machine([(r.start, r.end) for r in target.ram()],
-                      RunLimits(timeout=options.timeout, memory_cap=options.memory_cap))
+                      RunLimits(timeout=options.timeout, memory_cap=options.memory_cap),
+                      dirty_log=options.dirty_log)
     fw = None
     serial_lines: list[str] = []
     outcome, error, exit_status, frozen = "", None, None, None
@@ -199,6 +228,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         fw.mem.write_u64(st + 72, err_handle)
         fw.mem.write_u64(st + 80, err_iface)
         write_crc(fw.mem, st)
+        _install_runtime_after_ebs(fw)
         Rng(fw).install()
         if initrd is not None:
             InitrdLoadFile2(fw, initrd).install()

@@ -1,0 +1,365 @@
+"""EFI_TCG2_PROTOCOL (TCG EFI Protocol Specification, Family 2.0, rev 00.13 §6) over a software
+TPM (:mod:`hostsvc.tpm`): PCR banks that are extended, a crypto-agile event log in guest memory
+and the EFI_TCG2_FINAL_EVENTS_TABLE configuration table.
+
+Behaviour follows EDK2's SecurityPkg/Tcg/Tcg2Dxe (what OVMF, the project's reference firmware,
+runs), so that a payload sees the same log and the PCRs end with the same values:
+
+- the log area (64 KiB, EfiBootServicesData, filled with 0xFF) starts with the Spec ID event;
+  GetEventLog returns its address and the address of the last entry, and from then on every
+  new event also goes to the final events table (32 KiB, EfiACPIMemoryNVS: the OS reads it after
+  ExitBootServices);
+- HashLogExtendEvent with PE_COFF_IMAGE measures the Authenticode digest of the PE *file* image
+  at DataToHash; EFI_TCG2_EXTEND_ONLY extends without logging; EV_NO_ACTION logs zero digests
+  without extending; a full log area sets EventLogTruncated and returns EFI_VOLUME_FULL (the
+  extend has still happened);
+- there is no TPM command interface: SubmitCommand is EFI_UNSUPPORTED, and so are bank changes.
+
+The firmware's own measurements around a boot (``separators``, ``measure_image``,
+``exit_boot_services``) are module functions taking the Firmware: they do nothing when no TPM
+is installed, so call sites need no condition.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+import structlog
+
+from hostsvc import guids as G
+from hostsvc import status as S
+from hostsvc import tpm as T
+from hostsvc.dispatch import PTR, OPTPTR, U32, U64, efiapi
+from hostsvc.memory import AllocType, MemType
+from hostsvc.status import EfiError
+
+log = structlog.get_logger("hostsvc.tcg2")
+
+TCG2_ORDER = ["GetCapability", "GetEventLog", "HashLogExtendEvent", "SubmitCommand",
+              "GetActivePcrBanks", "SetActivePcrBanks", "GetResultOfSetActivePcrBanks"]
+
+# EFI_TCG2_BOOT_SERVICE_CAPABILITY, natural alignment (not packed in the spec or in EDK2):
+# Size@0 StructureVersion@1 ProtocolVersion@3 HashAlgorithmBitmap@8 SupportedEventLogs@12
+# TPMPresentFlag@16 MaxCommandSize@18 MaxResponseSize@20 ManufacturerID@24 NumberOfPCRBanks@28
+# ActivePcrBanks@32 -> 36 bytes; the 1.0 structure (TREE_BOOT_SERVICE_CAPABILITY_1_0) ends after
+# ManufacturerID -> 28 bytes.
+CAPABILITY = struct.Struct("<BBBBB3xIIB1xHH2xIII")
+CAPABILITY_SIZE_1_1 = CAPABILITY.size
+CAPABILITY_SIZE_1_0 = 28
+assert CAPABILITY_SIZE_1_1 == 36
+
+EVENT_LOG_FORMAT_TCG_1_2 = 0x1
+EVENT_LOG_FORMAT_TCG_2 = 0x2
+
+EFI_TCG2_EXTEND_ONLY = 0x1
+PE_COFF_IMAGE = 0x10
+
+EVENT_HEADER_SIZE = 14      # EFI_TCG2_EVENT_HEADER, packed: UINT32 UINT16 UINT32 UINT32
+EVENT_HEADER_VERSION = 1
+FINAL_EVENTS_HEADER = 16    # EFI_TCG2_FINAL_EVENTS_TABLE: UINT64 Version, UINT64 NumberOfEvents
+FINAL_EVENTS_VERSION = 1
+
+LOG_AREA_SIZE = 0x10000     # EDK2 PcdTcgLogAreaMinLen
+FINAL_AREA_SIZE = 0x8000    # EDK2 PcdTcg2FinalLogAreaLen
+
+# what Debian's OVMF + swtpm shows (FACTS.md): all four SHA banks, swtpm's "IBM" manufacturer
+DEFAULT_BANKS = ("sha1", "sha256", "sha384", "sha512")
+SWTPM_MANUFACTURER_ID = 0x49424D00   # TPM_PT_MANUFACTURER "IBM\0"
+MAX_COMMAND_SIZE = 4096
+MAX_RESPONSE_SIZE = 4096
+
+PAGE = 4096
+
+
+class Tcg2:
+    def __init__(self, fw, banks: Iterable[str] = DEFAULT_BANKS, *, log_size: int = LOG_AREA_SIZE,
+                 final_size: int = FINAL_AREA_SIZE, manufacturer_id: int = SWTPM_MANUFACTURER_ID,
+                 max_command_size: int = MAX_COMMAND_SIZE, max_response_size: int = MAX_RESPONSE_SIZE):
+        self.fw = fw
+        self.mem = fw.mem
+        self.banks = T.canonical_banks(banks)
+        self.pcrs = T.PcrBanks(self.banks)
+        self.log = T.EventLog(self.banks, max_size=log_size)
+        self.log_size = log_size
+        self.final_size = final_size
+        self.final_events: list[T.Event] = []
+        self.final_used = 0
+        self.final_truncated = False
+        self.get_event_log_called = False
+        self.manufacturer_id = manufacturer_id
+        self.max_command_size = max_command_size
+        self.max_response_size = max_response_size
+        self.log_addr = 0
+        self.final_addr = 0
+        self.handle = 0
+        self.interface_addr = 0
+
+    # --- setup ------------------------------------------------------------------------------
+    def install(self) -> int:
+        """Allocate the log areas, install the protocol on a new handle and the final events
+        configuration table; returns the handle. Also sets ``fw.tcg2``."""
+        alloc = self.fw.alloc
+        self.log_addr = alloc.allocate_pages(AllocType.AnyPages, MemType.BootServicesData,
+                                             _pages(self.log_size), owner="tpm")
+        self.mem.fill(self.log_addr, self.log_size, 0xFF)
+        self.mem.write(self.log_addr, self.log.to_bytes())
+        self.final_addr = alloc.allocate_pages(AllocType.AnyPages, MemType.ACPIMemoryNVS,
+                                               _pages(self.final_size), owner="tpm")
+        self.mem.fill(self.final_addr, self.final_size, 0xFF)
+        self.mem.write(self.final_addr, struct.pack("<QQ", FINAL_EVENTS_VERSION, 0))
+        self.interface_addr = self.fw.interface("Tcg2", self, TCG2_ORDER)
+        self.handle = self.fw.handles.install(None, G.TCG2, self.interface_addr)
+        self.fw.set_config_table(G.EFI_TCG2_FINAL_EVENTS, self.final_addr)
+        self.fw.tcg2 = self
+        log.info("tcg2.installed", banks=",".join(self.banks), log=hex(self.log_addr),
+                 final_events=hex(self.final_addr))
+        return self.handle
+
+    @property
+    def bitmap(self) -> int:
+        return T.bank_bitmap(self.banks)
+
+    def capability(self) -> bytes:
+        return CAPABILITY.pack(CAPABILITY_SIZE_1_1, 1, 1, 1, 1, self.bitmap, EVENT_LOG_FORMAT_TCG_2, 1,
+                               self.max_command_size, self.max_response_size, self.manufacturer_id,
+                               len(self.banks), self.bitmap)
+
+    # --- the measurement core ---------------------------------------------------------------
+    def measure(self, pcr: int, event_type: int, event_data: bytes, *, data: bytes | None = None,
+                digests: dict[str, bytes] | None = None, extend_only: bool = False) -> int:
+        """Extend ``pcr`` with the digests of ``data`` (or the given ``digests``) and log the
+        event; EV_NO_ACTION is logged with zero digests and not extended. Returns EFI_SUCCESS or
+        EFI_VOLUME_FULL (the extend happened, the log is truncated)."""
+        if not 0 <= pcr <= T.MAX_PCR_INDEX:
+            raise EfiError(S.INVALID_PARAMETER, f"PCR index {pcr} > {T.MAX_PCR_INDEX}")
+        if event_type == T.EV_NO_ACTION:
+            digests = {b: bytes(T.ALGS[b].size) for b in self.banks}
+        else:
+            if digests is None:
+                digests = T.hash_all(data if data is not None else b"", self.banks)
+            self.pcrs.extend(pcr, digests)
+        if extend_only:
+            return S.SUCCESS
+        return self._log(pcr, event_type, digests, event_data)
+
+    def _log(self, pcr: int, event_type: int, digests: dict[str, bytes], event_data: bytes) -> int:
+        try:
+            ev = self.log.append(pcr, event_type, digests, event_data)
+        except T.EventLogFull as e:
+            log.warning("tcg2.log_full", why=str(e))
+            return S.VOLUME_FULL
+        self.mem.write(self.log_addr + ev.offset, ev.to_bytes())
+        if not self.get_event_log_called:
+            return S.SUCCESS
+        raw = ev.to_bytes()
+        if self.final_truncated or FINAL_EVENTS_HEADER + self.final_used + len(raw) > self.final_size:
+            self.final_truncated = True
+            return S.VOLUME_FULL
+        self.mem.write(self.final_addr + FINAL_EVENTS_HEADER + self.final_used, raw)
+        self.final_used += len(raw)
+        self.final_events.append(ev)
+        self.mem.write_u64(self.final_addr + 8, len(self.final_events))
+        return S.SUCCESS
+
+    def final_events_bytes(self) -> bytes:
+        """The EFI_TCG2_FINAL_EVENTS_TABLE as it stands in guest memory (header + events)."""
+        return self.mem.read(self.final_addr, FINAL_EVENTS_HEADER + self.final_used)
+
+    def log_bytes(self) -> bytes:
+        return self.mem.read(self.log_addr, self.log.size)
+
+    # --- what firmware measures around a boot (EDK2 Tcg2Dxe) -------------------------------
+    def secure_boot_policy(self) -> None:
+        """PCR 7: SecureBoot, PK, KEK, db, dbx as EV_EFI_VARIABLE_DRIVER_CONFIG (a missing
+        variable measured empty), then the PCR 7 separator (MeasureSecureBootPolicy)."""
+        store = getattr(self.fw, "variables", None)
+        for name, guid in (("SecureBoot", G.EFI_GLOBAL_VARIABLE), ("PK", G.EFI_GLOBAL_VARIABLE),
+                           ("KEK", G.EFI_GLOBAL_VARIABLE), ("db", G.EFI_IMAGE_SECURITY_DATABASE),
+                           ("dbx", G.EFI_IMAGE_SECURITY_DATABASE)):
+            value = b""
+            if store is not None:
+                try:
+                    value = store.get(name, guid).data
+                except EfiError:
+                    value = b""
+            vd = T.variable_data(name, guid, value)
+            self.measure(7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, vd, data=vd)
+        self.measure(7, T.EV_SEPARATOR, T.SEPARATOR_DATA, data=T.SEPARATOR_DATA)
+
+    def ready_to_boot(self) -> None:
+        """OnReadyToBoot (first attempt): PCR 4 "Calling EFI Application from Boot Option",
+        then EV_SEPARATOR on PCR 0-6."""
+        self.measure(4, T.EV_EFI_ACTION, T.CALLING_EFI_APPLICATION, data=T.CALLING_EFI_APPLICATION)
+        for pcr in range(7):
+            self.measure(pcr, T.EV_SEPARATOR, T.SEPARATOR_DATA, data=T.SEPARATOR_DATA)
+
+    def measure_image(self, image_base: int, image_size: int, pe_bytes: bytes, device_path: bytes = b"",
+                      *, link_time_address: int | None = None, subsystem: int | None = None) -> int:
+        """DxeTpm2MeasureBootLib's Tcg2MeasurePeImage: PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION
+        (PCR 2 EV_EFI_BOOT_SERVICES_DRIVER / _RUNTIME_SERVICES_DRIVER for drivers), digest = the
+        Authenticode hash of the file image, data = UEFI_IMAGE_LOAD_EVENT."""
+        hdr = _pe_header_fields(pe_bytes)
+        if subsystem is None:
+            subsystem = hdr["subsystem"]
+        if link_time_address is None:
+            link_time_address = hdr["image_base"]
+        pcr, etype = {10: (4, T.EV_EFI_BOOT_SERVICES_APPLICATION),
+                      11: (2, T.EV_EFI_BOOT_SERVICES_DRIVER),
+                      12: (2, T.EV_EFI_RUNTIME_SERVICES_DRIVER)}.get(subsystem, (None, None))
+        if pcr is None:
+            raise EfiError(S.UNSUPPORTED, f"PE subsystem {subsystem} is not measured")
+        try:
+            digests = T.authenticode_digests(pe_bytes, self.banks)
+        except T.PeHashError as e:
+            raise EfiError(S.UNSUPPORTED, f"PE image hash: {e}") from None
+        event = T.image_load_event(image_base, image_size, link_time_address, device_path)
+        return self.measure(pcr, etype, event, digests=digests)
+
+    def exit_boot_services(self, success: bool = True) -> None:
+        """OnExitBootServices / OnExitBootServicesFailed: PCR 5 EV_EFI_ACTION
+        "Exit Boot Services Invocation", then "... Returned with Success" (or "... Failure")."""
+        self.measure(5, T.EV_EFI_ACTION, T.EXIT_BOOT_SERVICES_INVOCATION,
+                     data=T.EXIT_BOOT_SERVICES_INVOCATION)
+        result = T.EXIT_BOOT_SERVICES_SUCCEEDED if success else T.EXIT_BOOT_SERVICES_FAILED
+        self.measure(5, T.EV_EFI_ACTION, result, data=result)
+
+    # --- EFI_TCG2_PROTOCOL --------------------------------------------------------------------
+    @efiapi("GetCapability", ("this", PTR), ("protocol_capability", PTR))
+    def get_capability(self, this, protocol_capability):
+        have = self.mem.read_u8(protocol_capability)
+        full = self.capability()
+        if have < CAPABILITY_SIZE_1_1:
+            if have >= CAPABILITY_SIZE_1_0:
+                # a 1.0 caller (EDK2: "firmware supports 1.1 but the OS only 1.0")
+                v10 = bytearray(full[:CAPABILITY_SIZE_1_0])
+                v10[0:5] = bytes([CAPABILITY_SIZE_1_0, 1, 0, 1, 0])
+                self.mem.write(protocol_capability, bytes(v10))
+                return S.SUCCESS
+            self.mem.write_u8(protocol_capability, CAPABILITY_SIZE_1_1)
+            raise EfiError(S.BUFFER_TOO_SMALL, f"Size {have} < {CAPABILITY_SIZE_1_1}")
+        self.mem.write(protocol_capability, full)
+        return S.SUCCESS
+
+    @efiapi("GetEventLog", ("this", PTR), ("event_log_format", U32), ("event_log_location", OPTPTR),
+            ("event_log_last_entry", OPTPTR), ("event_log_truncated", OPTPTR))
+    def get_event_log(self, this, event_log_format, event_log_location, event_log_last_entry,
+                      event_log_truncated):
+        if event_log_format != EVENT_LOG_FORMAT_TCG_2:
+            what = "TCG 1.2 (SHA1) log is not kept" if event_log_format == EVENT_LOG_FORMAT_TCG_1_2 \
+                else f"unknown format {event_log_format:#x}"
+            raise EfiError(S.INVALID_PARAMETER, what)
+        if event_log_location:
+            self.mem.write_u64(event_log_location, self.log_addr)
+        if event_log_last_entry:
+            self.mem.write_u64(event_log_last_entry, self.log_addr + self.log.last_offset)
+        if event_log_truncated:
+            self.mem.write_u8(event_log_truncated, 1 if self.log.truncated else 0)
+        self.get_event_log_called = True
+        return S.SUCCESS
+
+    @efiapi("HashLogExtendEvent", ("this", PTR), ("flags", U64), ("data_to_hash", U64),
+            ("data_to_hash_len", U64), ("efi_tcg_event", PTR))
+    def hash_log_extend_event(self, this, flags, data_to_hash, data_to_hash_len, efi_tcg_event):
+        size, header_size, header_version, pcr, event_type = struct.unpack(
+            "<IIHII", self.mem.read(efi_tcg_event, 4 + EVENT_HEADER_SIZE))
+        if header_size < EVENT_HEADER_SIZE or header_version != EVENT_HEADER_VERSION:
+            raise EfiError(S.INVALID_PARAMETER,
+                           f"event header size {header_size} version {header_version} (need >= 14, 1)")
+        if size < header_size + 4:
+            raise EfiError(S.INVALID_PARAMETER, f"event Size {size} < HeaderSize {header_size} + 4")
+        if event_type != T.EV_NO_ACTION and data_to_hash == 0:
+            raise EfiError(S.INVALID_PARAMETER, "DataToHash is NULL")
+        if pcr > T.MAX_PCR_INDEX:
+            if event_type == T.EV_NO_ACTION:
+                raise EfiError(S.UNSUPPORTED, f"EV_NO_ACTION to NV index {pcr:#x}: no NV indices")
+            raise EfiError(S.INVALID_PARAMETER, f"PCRIndex {pcr} > {T.MAX_PCR_INDEX}")
+        event_data = self.mem.read(efi_tcg_event + 4 + header_size, size - 4 - header_size)
+        extend_only = bool(flags & EFI_TCG2_EXTEND_ONLY)
+        if event_type == T.EV_NO_ACTION:
+            return self.measure(pcr, event_type, event_data, extend_only=extend_only)
+        buf = self.mem.read(data_to_hash, data_to_hash_len)
+        if flags & PE_COFF_IMAGE:
+            try:
+                digests = T.authenticode_digests(buf, self.banks)
+            except T.PeHashError as e:
+                raise EfiError(S.UNSUPPORTED, f"PE/COFF image: {e}") from None
+            return self.measure(pcr, event_type, event_data, digests=digests, extend_only=extend_only)
+        return self.measure(pcr, event_type, event_data, data=buf, extend_only=extend_only)
+
+    @efiapi("SubmitCommand", ("this", PTR), ("input_parameter_block_size", U32),
+            ("input_parameter_block", PTR), ("output_parameter_block_size", U32),
+            ("output_parameter_block", PTR))
+    def submit_command(self, this, input_parameter_block_size, input_parameter_block,
+                       output_parameter_block_size, output_parameter_block):
+        raise EfiError(S.UNSUPPORTED, "the software TPM has no command interface")
+
+    @efiapi("GetActivePcrBanks", ("this", PTR), ("active_pcr_banks", PTR))
+    def get_active_pcr_banks(self, this, active_pcr_banks):
+        self.mem.write_u32(active_pcr_banks, self.bitmap)
+        return S.SUCCESS
+
+    @efiapi("SetActivePcrBanks", ("this", PTR), ("active_pcr_banks", U32))
+    def set_active_pcr_banks(self, this, active_pcr_banks):
+        if active_pcr_banks == 0 or active_pcr_banks & ~self.bitmap:
+            raise EfiError(S.INVALID_PARAMETER, f"banks {active_pcr_banks:#x} not within {self.bitmap:#x}")
+        if active_pcr_banks == self.bitmap:
+            return S.SUCCESS  # already active (the spec's and EDK2's no-op)
+        raise EfiError(S.UNSUPPORTED, "PCR banks cannot be changed (no reboot)")
+
+    @efiapi("GetResultOfSetActivePcrBanks", ("this", PTR), ("operation_present", PTR), ("response", PTR))
+    def get_result_of_set_active_pcr_banks(self, this, operation_present, response):
+        raise EfiError(S.UNSUPPORTED, "PCR banks cannot be changed")
+
+
+def _pages(size: int) -> int:
+    return (size + PAGE - 1) // PAGE
+
+
+def _pe_header_fields(pe: bytes) -> dict:
+    try:
+        nt = struct.unpack_from("<I", pe, 0x3C)[0] if pe[:2] == b"MZ" else 0
+        opt = nt + 24
+        magic = struct.unpack_from("<H", pe, opt)[0]
+        if magic == 0x20B:
+            image_base = struct.unpack_from("<Q", pe, opt + 24)[0]
+        else:
+            image_base = struct.unpack_from("<I", pe, opt + 28)[0]
+        subsystem = struct.unpack_from("<H", pe, opt + 68)[0]
+    except struct.error:
+        raise EfiError(S.UNSUPPORTED, "not a PE image") from None
+    return {"image_base": image_base, "subsystem": subsystem}
+
+
+# --- call sites for the lead: no-ops without a TPM -----------------------------------------------
+
+def install(fw, banks: Iterable[str] = DEFAULT_BANKS, **kw) -> Tcg2:
+    t = Tcg2(fw, banks, **kw)
+    t.install()
+    return t
+
+
+def separators(fw, *, secure_boot_policy: bool = True) -> None:
+    """Before the OS loader is measured: PCR 7 policy + separator, PCR 4 "Calling EFI
+    Application from Boot Option", EV_SEPARATOR on PCR 0-6 (EDK2 order)."""
+    t = getattr(fw, "tcg2", None)
+    if t is None:
+        return
+    if secure_boot_policy:
+        t.secure_boot_policy()
+    else:
+        t.measure(7, T.EV_SEPARATOR, T.SEPARATOR_DATA, data=T.SEPARATOR_DATA)
+    t.ready_to_boot()
+
+
+def measure_image(fw, image_base: int, image_size: int, pe_bytes: bytes, device_path_bytes: bytes = b"",
+                  **kw) -> None:
+    t = getattr(fw, "tcg2", None)
+    if t is not None:
+        t.measure_image(image_base, image_size, pe_bytes, device_path_bytes, **kw)
+
+
+def exit_boot_services(fw, success: bool = True) -> None:
+    t = getattr(fw, "tcg2", None)
+    if t is not None:
+        t.exit_boot_services(success)

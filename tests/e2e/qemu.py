@@ -1,0 +1,568 @@
+"""QEMU (TCG) end-to-end harness: boot a real Debian kernel, and kexec an ELF from inside it.
+
+This machine's /dev/kvm is nested PVM, on which ``qemu-system-x86_64 -enable-kvm`` cannot run
+firmware, so every boot here is ``-accel tcg`` (a Debian 6.1 kernel reaches its initramfs in
+about 5 s). The pieces:
+
+- :func:`build_initramfs` writes a newc cpio in Python (no root, deterministic: fixed inode
+  numbers, mtime 0, sorted entries) holding static busybox, Debian's ``kexec`` with the shared
+  objects it needs, ``/dev/console`` and any extra files.
+- :func:`boot` runs one bounded QEMU, streams the serial port and stops as soon as a regex
+  appears (or a failure regex, or the timeout). QEMU is always killed.
+- :func:`guest_e820` boots once per (kernel, memory size) and test session and returns the
+  ``BIOS-e820:`` lines that guest's kernel printed: the target map for ``vmrun run --memmap``.
+- :func:`kexec_boot` boots a kernel whose /init runs ``kexec -l /staged.elf -t elf-x86_64
+  --args-none`` and ``kexec -e``, and returns the serial text of the whole session.
+- :func:`build_kexec_hello` assembles ``kexec_hello.S`` into a one-segment ELF at 16 MiB.
+
+Debian's kexec-tools 2.0.25 is linked against ``libxenctrl.so.4.17`` (only used when running as a
+Xen dom0). The host does not have it, so a stub with the same soname and symbol versions is
+compiled here whose ``xc_interface_open`` returns NULL: kexec-tools then takes the native
+``kexec_load(2)`` path, exactly as on a machine without Xen.
+
+Markers printed on the serial port by the /init scripts: ``VMRUN-E820-BEGIN`` /
+``VMRUN-E820-END``, ``VMRUN-KEXEC-LOADING``, ``VMRUN-KEXEC-LOADED``, ``VMRUN-KEXEC-EXEC`` and
+``VMRUN-KEXEC-FAILED``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+QEMU = "qemu-system-x86_64"
+DEFAULT_APPEND = "console=ttyS0,115200 panic=-1 loglevel=6"
+# The marker kexec_boot's /init prints when anything before the jump fails, and what a dying
+# kernel prints: either ends a run at once instead of waiting for the timeout.
+KEXEC_FAILED = "VMRUN-KEXEC-FAILED"
+FAIL_PATTERN = rf"{KEXEC_FAILED}|Kernel panic - not syncing"
+KEXEC_HELLO_BASE = 0x1000000  # 16 MiB: RAM on any PC guest with >= 32 MiB
+KEXEC_HELLO_MARKER = "HELLO-FROM-KEXEC"
+
+
+# --------------------------------------------------------------------------
+# where things are
+# --------------------------------------------------------------------------
+
+def payload_cache() -> Path:
+    return Path(os.environ.get("VMRUN_CACHE") or REPO / ".cache" / "payloads")
+
+
+def work_dir() -> Path:
+    """A per-user directory for what this harness builds (shared by xdist workers)."""
+    d = Path(os.environ.get("VMRUN_E2E_WORK") or
+             Path(tempfile.gettempdir()) / f"vmrun-e2e-{os.getuid()}")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextmanager
+def _locked(name: str):
+    """An exclusive lock across processes (pytest-xdist workers build things once)."""
+    with open(work_dir() / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# newc cpio
+# --------------------------------------------------------------------------
+
+S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    name: str           # without the leading "/"
+    mode: int           # including the file type bits
+    data: bytes = b""   # file content, or the link target of a symlink
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _pad4(n: int) -> bytes:
+    return b"\0" * (-n % 4)
+
+
+def write_cpio(entries: list[CpioEntry]) -> bytes:
+    """A newc ("070701") archive of ``entries`` in the given order, then the trailer."""
+    out = io.BytesIO()
+
+    def put(ino: int, e: CpioEntry) -> None:
+        name = e.name.encode() + b"\0"
+        nlink = 2 if e.mode & 0o170000 == S_IFDIR else 1
+        fields = (ino, e.mode, 0, 0, nlink, 0, len(e.data), 0, 0, e.rdev[0], e.rdev[1],
+                  len(name), 0)
+        hdr = b"070701" + b"".join(b"%08x" % v for v in fields)
+        out.write(hdr + name + _pad4(len(hdr) + len(name)))
+        out.write(e.data + _pad4(len(e.data)))
+
+    for ino, e in enumerate(entries, 1):
+        put(ino, e)
+    put(0, CpioEntry("TRAILER!!!", 0))
+    return out.getvalue()
+
+
+class _Tree:
+    """Files to put in an initramfs; parent directories are added on demand."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, CpioEntry] = {}
+
+    def _dirs(self, name: str) -> None:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            self.entries.setdefault(d, CpioEntry(d, S_IFDIR | 0o755))
+
+    def add(self, name: str, entry_mode: int, data: bytes = b"", rdev=(0, 0)) -> None:
+        name = name.strip("/")
+        self._dirs(name)
+        self.entries[name] = CpioEntry(name, entry_mode, data, rdev)
+
+    def dir(self, name: str) -> None:
+        self.add(name, S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes | Path, mode: int = 0o755) -> None:
+        if isinstance(data, Path):
+            data = data.read_bytes()
+        self.add(name, S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self.add(name, S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
+        self.add(name, S_IFCHR | mode, rdev=(major, minor))
+
+    def cpio(self) -> bytes:
+        return write_cpio([self.entries[k] for k in sorted(self.entries)])
+
+
+# --------------------------------------------------------------------------
+# kexec-tools and what it needs
+# --------------------------------------------------------------------------
+
+def kexec_binary() -> Path:
+    p = payload_cache() / "tools" / "kexec-tools" / "sbin" / "kexec"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: run scripts/fetch-payloads")
+    return p
+
+
+def busybox_binary() -> Path:
+    p = payload_cache() / "tools" / "busybox"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: run scripts/fetch-payloads")
+    return p
+
+
+_XENCTRL_STUB_C = r"""
+/* Stands in for Xen's libxenctrl.so.4.17, which Debian's kexec is linked against. Opening the
+   Xen control interface fails, so kexec-tools decides it is not a Xen dom0 and uses the
+   kexec_load(2) system call; nothing else here is ever called. The signatures only need to
+   link: the symbols' names, versions and (for the data object) size are what count. */
+#include <stddef.h>
+void *xc_interface_open(void *a, void *b, unsigned c) { return NULL; }
+int xc_interface_close(void *x) { return 0; }
+int xc_version(void *x, int cmd, void *arg) { return -1; }
+int xc_get_max_cpus(void *x) { return -1; }
+int xc_get_machine_memory_map(void *x, void *e, unsigned n) { return -1; }
+int xc_kexec_get_range(void *x, int r, int n, unsigned long *s, unsigned long *st) { return -1; }
+int xc_kexec_load(void *x, int t, int a, unsigned long e, unsigned n, void *s) { return -1; }
+int xc_kexec_unload(void *x, int t) { return -1; }
+int xc_kexec_exec(void *x, int t) { return -1; }
+int xc_kexec_status(void *x, int t) { return -1; }
+void *xc__hypercall_buffer_array_alloc(void *x, void *a, unsigned i, void *b, size_t s)
+{ return NULL; }
+void *xc_hypercall_buffer_array_create(void *x, unsigned n) { return NULL; }
+void xc_hypercall_buffer_array_destroy(void *x, void *a) { }
+/* kexec references this 40-byte object (xc_hypercall_buffer_t) through a copy relocation */
+unsigned char xc__hypercall_buffer_HYPERCALL_BUFFER_NULL[40];
+"""
+
+_XENCTRL_STUB_VERSIONS = "VERS_4.17.0 { global: xc_*; local: *; };\n"
+
+
+def xenctrl_stub(soname: str = "libxenctrl.so.4.17") -> Path:
+    """Compile (once) a stub ``libxenctrl`` with kexec-tools' soname and symbol versions."""
+    key = hashlib.sha256((soname + _XENCTRL_STUB_C + _XENCTRL_STUB_VERSIONS).encode()).hexdigest()
+    out = work_dir() / f"{soname}.{key[:12]}"
+    with _locked("xenctrl"):
+        if out.is_file():
+            return out
+        with tempfile.TemporaryDirectory(dir=work_dir()) as t:
+            src, ver, so = Path(t, "xenctrl.c"), Path(t, "xenctrl.map"), Path(t, soname)
+            src.write_text(_XENCTRL_STUB_C)
+            ver.write_text(_XENCTRL_STUB_VERSIONS)
+            subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-nostartfiles",
+                            f"-Wl,-soname,{soname}", f"-Wl,--version-script,{ver}",
+                            "-o", str(so), str(src)], check=True, capture_output=True)
+            os.replace(so, out)
+    return out
+
+
+_LDD_FOUND = re.compile(r"^\s*(\S+)\s+=>\s+(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+_LDD_MISSING = re.compile(r"^\s*(\S+)\s+=>\s+not found\s*$")
+_LDD_LOADER = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+
+
+def shared_objects(binary: Path) -> dict[str, Path]:
+    """Where each shared object ``binary`` needs goes in the initramfs -> the file to put there.
+
+    Resolved with the host's ``ldd`` (the host is Debian 12, the binaries' own release), at the
+    host's paths, so the loader's built-in search path finds them. A missing libxenctrl is
+    replaced by :func:`xenctrl_stub`.
+    """
+    r = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ldd {binary} failed: {r.stdout}{r.stderr}")
+    out: dict[str, Path] = {}
+    for line in r.stdout.splitlines():
+        if m := _LDD_FOUND.match(line):
+            out[m[2]] = Path(m[2]).resolve()
+        elif m := _LDD_MISSING.match(line):
+            if not m[1].startswith("libxenctrl.so."):
+                raise RuntimeError(f"{binary} needs {m[1]}, which this host does not have")
+            out[f"/lib/x86_64-linux-gnu/{m[1]}"] = xenctrl_stub(m[1])
+        elif m := _LDD_LOADER.match(line):
+            out[m[1]] = Path(m[1]).resolve()
+    return out
+
+
+# --------------------------------------------------------------------------
+# initramfs
+# --------------------------------------------------------------------------
+
+INIT_PREAMBLE = """\
+#!/bin/busybox sh
+/bin/busybox mkdir -p /bin /sbin /proc /sys /dev /tmp
+/bin/busybox --install -s /bin
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+"""
+
+
+def build_initramfs(out: Path, files: dict[str, Path | bytes], init_script: str, *,
+                    with_kexec: bool = True, compress: bool = False) -> Path:
+    """Write a newc initramfs to ``out`` and return ``out``.
+
+    Contents: ``/bin/busybox`` (static; /bin/sh links to it, and ``busybox --install -s /bin``
+    at the start of a script makes the other applets), ``/sbin/kexec`` with its shared objects
+    and the dynamic loader (``with_kexec``), ``/dev/console`` and ``/dev/null``, ``/init`` =
+    ``init_script`` (use :data:`INIT_PREAMBLE` to mount proc/sys/dev first), and ``files``
+    (initramfs path -> host file or bytes). Deterministic for the same inputs. ``compress``:
+    gzip (mtime 0); plain is faster to unpack for a TCG guest.
+    """
+    t = _Tree()
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root"):
+        t.dir(d)
+    t.chardev("dev/console", 5, 1)
+    t.chardev("dev/null", 1, 3, 0o666)
+    t.file("bin/busybox", busybox_binary())
+    t.symlink("bin/sh", "busybox")
+    if with_kexec:
+        kexec = kexec_binary()
+        t.file("sbin/kexec", kexec)
+        for where, src in shared_objects(kexec).items():
+            t.file(where, src)
+    for where, content in files.items():
+        t.file(where, content if isinstance(content, bytes) else Path(content))
+    t.file("init", init_script.encode())
+    data = t.cpio()
+    if compress:
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, data)
+    return out
+
+
+# --------------------------------------------------------------------------
+# running QEMU
+# --------------------------------------------------------------------------
+
+@dataclass
+class QemuResult:
+    serial: str                 # everything the guest wrote to COM1 (the console)
+    returncode: int | None      # QEMU's exit status; None when we killed it
+    seconds: float              # wall clock, start to end
+    timed_out: bool             # the timeout ended the run
+    matched: bool = False       # the ``until`` regex appeared (the run was then stopped)
+    failed: bool = False        # the ``fail`` regex appeared (the run was then stopped)
+    stderr: str = ""            # QEMU's own messages
+    command: list[str] = field(default_factory=list)
+    qemu_log: str = ""          # the -d log, with debug_log=True
+
+    def __str__(self) -> str:  # what an assertion message should show
+        state = ("timed out" if self.timed_out else "matched" if self.matched
+                 else "failure marker" if self.failed else f"exit {self.returncode}")
+        tail = "\n".join(self.serial.splitlines()[-60:])
+        s = f"QEMU {state} after {self.seconds:.1f}s\n--- serial (tail) ---\n{tail}"
+        if self.stderr.strip():
+            s += f"\n--- qemu stderr ---\n{self.stderr.strip()[-2000:]}"
+        if self.qemu_log:
+            s += f"\n--- qemu -d log (tail) ---\n{self.qemu_log[-4000:]}"
+        return s
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, so no QEMU outlives a killed pytest."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+    os.setsid()
+
+
+def qemu_command(kernel: Path, initramfs: Path, *, memory_mb: int, append: str,
+                 extra_args=()) -> list[str]:
+    return [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none",
+            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initramfs),
+            "-append", append, *extra_args]
+
+
+def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = DEFAULT_APPEND,
+         timeout: float = 120, until: str | None = None, fail: str | None = None,
+         extra_args=(), debug_log: bool = False) -> QemuResult:
+    """Boot ``kernel`` + ``initramfs`` under QEMU/TCG with the console on COM1 (stdout).
+
+    Returns when QEMU exits (poweroff, or reboot/triple fault with ``-no-reboot``), when the
+    regex ``until`` (``matched``) or ``fail`` (``failed``) appears in the serial text, or after
+    ``timeout`` seconds (``timed_out``); QEMU is killed in every case. ``debug_log`` adds
+    ``-d guest_errors,cpu_reset,unimp`` (CPU state at every reset, e.g. a triple fault).
+    """
+    extra_args = list(extra_args)
+    log_path = None
+    if debug_log:
+        fd, log_path = tempfile.mkstemp(prefix="qemu-", suffix=".log", dir=work_dir())
+        os.close(fd)
+        extra_args += ["-d", "guest_errors,cpu_reset,unimp", "-D", log_path]
+    cmd = qemu_command(kernel, initramfs, memory_mb=memory_mb, append=append,
+                       extra_args=extra_args)
+    # timeout(1) as a second bound, in case this process is stopped before it kills QEMU.
+    full = ["timeout", "-s", "KILL", str(int(timeout) + 30), *cmd]
+    until_re = re.compile(until) if until else None
+    fail_re = re.compile(fail) if fail else None
+
+    chunks: list[bytes] = []
+    err_chunks: list[bytes] = []
+    cond = threading.Condition()
+
+    start = time.monotonic()
+    proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+
+    def pump(stream, sink) -> None:
+        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+            with cond:
+                sink.append(chunk)
+                cond.notify_all()
+        with cond:
+            cond.notify_all()
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, chunks), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err_chunks), daemon=True)]
+    for r in readers:
+        r.start()
+
+    matched = failed = timed_out = False
+    searched_upto = 0
+    try:
+        with cond:
+            while True:
+                text = b"".join(chunks).decode("utf-8", "replace")
+                # search a little before the new text too: a marker may straddle two reads
+                window = text[max(0, searched_upto - 256):]
+                if until_re and until_re.search(window):
+                    matched = True
+                    break
+                if fail_re and fail_re.search(window):
+                    failed = True
+                    break
+                searched_upto = len(text)
+                if proc.poll() is not None and not readers[0].is_alive():
+                    break
+                left = timeout - (time.monotonic() - start)
+                if left <= 0:
+                    timed_out = True
+                    break
+                cond.wait(min(left, 0.5))
+    finally:
+        returncode = proc.poll()
+        if returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.kill()
+            proc.wait()
+        for r in readers:
+            r.join(5)
+        proc.stdout.close()
+        proc.stderr.close()
+    seconds = time.monotonic() - start
+    qemu_log = ""
+    if log_path:
+        qemu_log = Path(log_path).read_text(errors="replace")
+        os.unlink(log_path)
+    return QemuResult(serial=b"".join(chunks).decode("utf-8", "replace"),
+                      returncode=returncode, seconds=seconds, timed_out=timed_out,
+                      matched=matched, failed=failed,
+                      stderr=b"".join(err_chunks).decode("utf-8", "replace"),
+                      command=cmd, qemu_log=qemu_log)
+
+
+# --------------------------------------------------------------------------
+# the guest's memory map
+# --------------------------------------------------------------------------
+
+_E820_LINE = re.compile(r"BIOS-e820: \[mem 0x[0-9a-f]+-0x[0-9a-f]+\] .*")
+
+E820_INIT = INIT_PREAMBLE + """\
+echo VMRUN-E820-BEGIN
+dmesg | grep BIOS-e820:
+echo VMRUN-E820-END
+sync
+poweroff -f
+"""
+
+
+_E820_MEMO: dict[str, str] = {}
+
+
+def guest_e820(kernel: Path, memory_mb: int = 1536, *, timeout: float = 120,
+               extra_args=()) -> str:
+    """The ``BIOS-e820: [mem 0x…-0x…] TYPE`` lines a ``memory_mb`` QEMU guest's kernel prints.
+
+    The text is what ``vmrun run --memmap FILE`` and ``TargetMemoryMap.from_text`` read. One
+    boot per (kernel contents, memory size, extra QEMU arguments) and test session: remembered
+    in this process, and shared by the pytest-xdist workers of one run through a file under
+    :func:`work_dir` named after the run (``PYTEST_XDIST_TESTRUNUID``). A new session boots
+    again, so a test of this function always tests a real boot.
+    """
+    key = hashlib.sha256(repr((_sha256_file(Path(kernel)), memory_mb, list(extra_args),
+                               E820_INIT)).encode()).hexdigest()[:16]
+    if key in _E820_MEMO:
+        return _E820_MEMO[key]
+    run = re.sub(r"[^0-9A-Za-z]", "", os.environ.get("PYTEST_XDIST_TESTRUNUID", ""))
+    shared = work_dir() / f"e820-{memory_mb}m-{key}-{run}.txt" if run else None
+    with _locked(f"e820-{key}"):
+        if shared is not None and shared.is_file():
+            text = shared.read_text()
+        else:
+            with tempfile.TemporaryDirectory(dir=work_dir()) as t:
+                initrd = build_initramfs(Path(t, "e820.cpio"), {}, E820_INIT, with_kexec=False)
+                r = boot(kernel, initrd, memory_mb=memory_mb, timeout=timeout,
+                         until=r"VMRUN-E820-END", extra_args=extra_args)
+            body = r.serial.split("VMRUN-E820-BEGIN", 1)[-1].split("VMRUN-E820-END", 1)[0]
+            lines = [m[0].strip() for m in _E820_LINE.finditer(body)]
+            if not r.matched or not lines:
+                raise RuntimeError(f"no BIOS-e820 lines from the guest: {r}")
+            text = "\n".join(lines) + "\n"
+            if shared is not None:
+                _atomic_write(shared, text.encode())
+    _E820_MEMO[key] = text
+    return text
+
+
+# --------------------------------------------------------------------------
+# kexec inside the guest
+# --------------------------------------------------------------------------
+
+KEXEC_INIT = INIT_PREAMBLE + """\
+echo VMRUN-KEXEC-LOADING
+grep -i "system ram" /proc/iomem
+if kexec -d -l /staged.elf -t elf-x86_64 --args-none >/tmp/kexec.log 2>&1; then
+    cat /tmp/kexec.log
+    echo VMRUN-KEXEC-LOADED
+else
+    echo "kexec -l exited with $?:"
+    cat /tmp/kexec.log
+    echo """ + KEXEC_FAILED + """
+    poweroff -f
+fi
+echo VMRUN-KEXEC-EXEC
+kexec -e
+echo "kexec -e exited with $?"
+echo """ + KEXEC_FAILED + """
+poweroff -f
+"""
+
+
+def kexec_boot(kernel: Path, staged_elf: Path, *, memory_mb: int = 1536, timeout: float = 180,
+               until: str | None = KEXEC_HELLO_MARKER, fail: str | None = FAIL_PATTERN,
+               append: str = DEFAULT_APPEND, extra_args=(), debug_log: bool = False,
+               initramfs: Path | None = None) -> QemuResult:
+    """Boot ``kernel``; its /init loads ``staged_elf`` with ``kexec -l … -t elf-x86_64
+    --args-none`` (``-d``: kexec-tools' debug lines are printed), then ``kexec -e``.
+
+    The serial text covers the whole session: the first kernel, the markers, and whatever the
+    kexec'd code prints. The run stops at ``until`` (default: the hello program's marker),
+    at ``fail`` (the /init's failure marker or a panic), at QEMU's exit (a triple fault resets,
+    and ``-no-reboot`` turns that into an exit) or at ``timeout``. ``initramfs``: where to write
+    the initramfs (default: a temporary file, removed afterwards).
+    """
+    files = {"staged.elf": Path(staged_elf)}
+    if initramfs is not None:
+        img = build_initramfs(Path(initramfs), files, KEXEC_INIT)
+        return boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
+                    until=until, fail=fail, extra_args=extra_args, debug_log=debug_log)
+    with tempfile.TemporaryDirectory(dir=work_dir()) as t:
+        img = build_initramfs(Path(t, "kexec.cpio"), files, KEXEC_INIT)
+        return boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
+                    until=until, fail=fail, extra_args=extra_args, debug_log=debug_log)
+
+
+def build_kexec_hello(out: Path, base: int = KEXEC_HELLO_BASE) -> Path:
+    """Assemble ``kexec_hello.S`` into an ELF64 ET_EXEC, one PT_LOAD at ``base`` (= entry)."""
+    out = Path(out)
+    obj = out.with_suffix(".o")
+    subprocess.run(["as", "--64", "-o", str(obj), str(HERE / "kexec_hello.S")],
+                   check=True, capture_output=True)
+    # -N: text not page-aligned in the file, so the ELF headers are not loaded (one PT_LOAD)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-N", "-nostdlib", "-static", "--build-id=none",
+                    "--no-warn-rwx-segments", "-z", "noexecstack", f"-Ttext={base:#x}",
+                    "-e", "_start", "-o", str(out), str(obj)], check=True, capture_output=True)
+    obj.unlink()
+    return out
+
+
+def have_qemu() -> bool:
+    return shutil.which(QEMU) is not None

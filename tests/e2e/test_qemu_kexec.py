@@ -1,0 +1,103 @@
+"""Real kexec, in a QEMU (TCG) guest running Debian's kernel: the handoff path vmrun relies on.
+
+vmrun hands a frozen payload over as an ELF64 ET_EXEC whose PT_LOAD segments sit at physical
+addresses, loaded with ``kexec -l X.elf -t elf-x86_64 --args-none``. These tests prove, with
+Debian's own kexec-tools inside a real Linux guest, that such an ELF is placed at p_paddr and
+entered in long mode, and they read the guest's e820 map (what vmrun's ``--memmap`` takes to
+stage a handoff for that guest).
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from hostsvc.memmap import TargetMemoryMap
+from tests.e2e import qemu
+
+pytestmark = [pytest.mark.slow, pytest.mark.payloads]
+
+MiB = 1 << 20
+GUEST_MB = 1536
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tools():
+    missing = [t for t in (qemu.QEMU, "as", "ld", "gcc", "ldd") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run scripts/setup", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def hello_elf(tmp_path_factory):
+    return qemu.build_kexec_hello(tmp_path_factory.mktemp("kexec") / "hello.elf")
+
+
+def test_hello_elf_is_one_segment_at_its_physical_address(hello_elf):
+    data = hello_elf.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # ELFCLASS64
+    e_type, e_machine, _, e_entry, e_phoff = struct.unpack_from("<HHIQQ", data, 16)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
+    assert (e_type, e_machine) == (2, 62)  # ET_EXEC, EM_X86_64
+    loads = [struct.unpack_from("<IIQQQQQQ", data, e_phoff + i * e_phentsize)
+             for i in range(e_phnum)]
+    loads = [p for p in loads if p[0] == 1]  # PT_LOAD
+    assert len(loads) == 1
+    _, _, _, vaddr, paddr, filesz, memsz, _ = loads[0]
+    assert paddr == vaddr == e_entry == qemu.KEXEC_HELLO_BASE
+    assert paddr % 4096 == 0 and 0 < filesz <= memsz
+
+
+def test_initramfs_is_a_deterministic_newc_archive(tmp_path):
+    a = qemu.build_initramfs(tmp_path / "a.cpio", {"staged.elf": b"x" * 5}, "#!/bin/sh\n")
+    b = qemu.build_initramfs(tmp_path / "b.cpio", {"staged.elf": b"x" * 5}, "#!/bin/sh\n")
+    assert a.read_bytes() == b.read_bytes()
+    if shutil.which("cpio") is None:
+        pytest.skip("no cpio(1) to read the archive back")
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=a.read_bytes(),
+                             capture_output=True, check=True).stdout.decode().splitlines()
+    by_name = {line.split(" -> ")[0].split()[-1]: line for line in listing}
+    for want in ("init", "bin/busybox", "bin/sh", "sbin/kexec", "dev/console", "staged.elf",
+                 "lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libc.so.6",
+                 "lib/x86_64-linux-gnu/libxenctrl.so.4.17"):
+        assert want in by_name, "\n".join(listing)
+    assert by_name["dev/console"].startswith("crw"), by_name["dev/console"]
+    assert " 5,   1 " in by_name["dev/console"], by_name["dev/console"]
+
+
+@pytest.mark.timeout(180)
+def test_guest_e820_is_parsed(bookworm_kernel):
+    text = qemu.guest_e820(bookworm_kernel, GUEST_MB)
+    lines = text.splitlines()
+    assert lines and all(line.startswith("BIOS-e820: [mem 0x") for line in lines), text
+    assert any(line.endswith("] usable") for line in lines), text
+    m = TargetMemoryMap.from_text(text, source="qemu guest")
+    assert abs(m.ram_bytes() - GUEST_MB * MiB) < 4 * MiB, m.canonical_text()
+    # the hello ELF's segment is RAM in that guest
+    assert any(r.start <= qemu.KEXEC_HELLO_BASE < r.end for r in m.ram())
+
+
+@pytest.mark.timeout(180)
+def test_kexec_of_a_hand_written_elf(bookworm_kernel, hello_elf):
+    r = qemu.kexec_boot(bookworm_kernel, hello_elf, memory_mb=GUEST_MB, timeout=120)
+    assert r.matched, str(r)
+    s = r.serial
+    # kexec-tools put the one segment at its p_paddr, and the jump came after the exec marker
+    assert f"segment[0].mem   = {qemu.KEXEC_HELLO_BASE:#x}" in s, str(r)
+    assert f"entry = {qemu.KEXEC_HELLO_BASE:#x}" in s, str(r)
+    assert s.index("VMRUN-KEXEC-EXEC") < s.index(qemu.KEXEC_HELLO_MARKER), str(r)
+
+
+@pytest.mark.timeout(180)
+def test_kexec_load_failure_is_reported_at_once(bookworm_kernel, tmp_path):
+    """A segment outside the guest's RAM: kexec -l refuses it and the run ends on the marker
+    (not on the timeout), with kexec-tools' own message in the serial text."""
+    elf = qemu.build_kexec_hello(tmp_path / "high.elf", base=0x7000_0000)  # past 1.5 GiB
+    r = qemu.kexec_boot(bookworm_kernel, elf, memory_mb=GUEST_MB, timeout=120)
+    assert r.failed and not r.matched and not r.timed_out, str(r)
+    assert "kexec -l exited with" in r.serial, str(r)
+    assert "Invalid memory segment 0x70000000" in r.serial, str(r)
+    assert "VMRUN-KEXEC-EXEC" not in r.serial, str(r)

@@ -1,0 +1,98 @@
+"""Staging real Debian kernels: the handoff ELF holds what the frozen guest needs, and
+`vmrun load` refuses a handoff staged for another machine."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from vmrun import errors as E
+from vmrun.handoff import elf, state
+from vmrun.handoff.stage import stage
+from vmrun.runner import RunOptions, run_payload
+
+pytestmark = [pytest.mark.kvm, pytest.mark.payloads]
+
+
+@pytest.fixture(scope="module", params=["bookworm", "trixie"])
+def staged(request, payload_cache, test_initrd, tmp_path_factory):
+    kernel = payload_cache / "kernels" / request.param / "vmlinuz"
+    r = run_payload(kernel, RunOptions(cmdline="console=ttyS0 stage-test", initrd=test_initrd, dirty_log=True),
+                    keep=True)
+    out = tmp_path_factory.mktemp("stage") / "staged.elf"
+    report = stage(r, out)
+    yield r, report, elf.read_elf(out.read_bytes()), out.read_bytes()
+    r.machine.close()
+
+
+def test_segments_hold_every_allocation(staged):
+    r, report, h, data = staged
+    assert len(h.segments) <= 16
+    assert report.stray_writes == []
+    spans = [(paddr, paddr + memsz) for _o, _f, paddr, memsz in h.segments]
+    for a in r.firmware.alloc.allocations:
+        if a.start == 0:
+            continue
+        assert any(s <= a.start and a.start + a.pages * 4096 <= e for s, e in spans), a
+    # the bytes in the file are the guest's bytes (the kernel the stub decompressed included)
+    for off, filesz, paddr, memsz in h.segments:
+        sample = min(filesz, 1 << 20)
+        assert data[off:off + sample] == r.machine.mem.read(paddr, sample)
+
+
+def test_entry_is_the_purgatory_and_its_state_matches_the_freeze(staged):
+    r, report, h, data = staged
+    seg = next((o, f, p) for o, f, p, m in h.segments if p <= h.entry < p + m)
+    off = seg[0] + (report.purgatory - seg[2])
+    area = data[off:off + state.PURGATORY_SIZE]
+    code, _ = state.load_purgatory()
+    assert area[:len(code)] == code
+    st = area[state.STATE:state.STATE + state.STATE_SIZE]
+    assert st[:8] == b"VMRUNST1"
+    f = r.frozen
+    cr0, cr3, cr4, efer, rflags, rsp = struct.unpack_from("<6Q", st, state.ST_CR0)
+    assert cr3 == f.sregs["cr3"] and rsp == f.regs["rsp"] and efer == f.sregs["efer"]
+    assert struct.unpack_from("<Q", st, state.ST_GPRS)[0] == 0  # EFI_SUCCESS
+    # [RSP] is the return address into the stub: inside the loaded kernel image
+    ret = r.machine.mem.read_u64(f.regs["rsp"])
+    img_base, img_size = int(r.image["base"], 16), r.image["size"]
+    assert img_base <= ret < img_base + img_size
+
+
+def test_runtime_services_answer_unsupported_without_a_host(staged):
+    r, report, h, data = staged
+    fw = r.firmware
+    rt = fw.runtime_services_table
+    n = (fw.mem.read_u32(rt + 12) - 24) // 8
+    targets = {fw.mem.read_u64(rt + 24 + 8 * i) for i in range(n)}
+    assert targets == {fw.rt_unsupported}
+    code = fw.mem.read(fw.rt_unsupported, 11)
+    assert code == bytes.fromhex("48b80300000000000080c3")  # movabs rax, EFI_UNSUPPORTED; ret
+    kinds = {d.type for d in fw.alloc.descriptors() if d.start <= fw.rt_unsupported < d.start + d.pages * 4096}
+    assert kinds == {5}  # EfiRuntimeServicesCode
+
+
+def test_metadata_note(staged):
+    r, report, h, data = staged
+    meta = json.loads(h.notes[elf.NOTE_METADATA])
+    assert meta["format"] == "vmrun-handoff" and meta["format_version"] == 1
+    assert meta["cmdline"] == "console=ttyS0 stage-test"
+    assert meta["payload"]["sha256"] == r.payload["sha256"]
+    assert meta["memmap"]["digest"] == r.memory["target_digest"]
+
+
+def test_load_refuses_a_handoff_for_another_memory_map(tmp_path, bookworm_kernel):
+    m = tmp_path / "other.e820"
+    m.write_text("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable\n"
+                 "BIOS-e820: [mem 0x0000000000100000-0x000000005ffdffff] usable\n")
+    out = tmp_path / "other.elf"
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "stage", str(bookworm_kernel), "--memmap", str(m),
+                        "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "load", str(out)], capture_output=True, text=True,
+                       timeout=60)
+    from vmrun.kexec import HandoffMismatch
+    assert p.returncode == HandoffMismatch.exit_code, p.stderr
+    assert "another memory map" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,103 @@
+"""The handoff's pure parts: state-block layout (vs. guest/purgatory.S), segment planning, ELF."""
+
+import re
+import struct
+
+import iced_x86 as X
+import pytest
+
+from vmrun.handoff import elf, state
+from vmrun.handoff.stage import MAX_SEGMENTS, StageError, plan_segments
+from vmrun.kvm import abi
+
+SRC = (state.GUEST_DIR / "purgatory.S").read_text()
+
+
+def test_state_offsets_match_the_assembly():
+    consts = {m[0]: int(m[1], 0) for m in re.findall(r"\.set\s+(\w+),\s*(0x[0-9a-fA-F]+|\d+)", SRC)}
+    for name in ("ST_GDTR", "ST_IDTR", "ST_CR0", "ST_CR3", "ST_CR4", "ST_EFER", "ST_RFLAGS", "ST_RSP",
+                 "ST_FS_BASE", "ST_GS_BASE", "ST_GPRS", "ST_FXSAVE"):
+        assert consts[name] == getattr(state, name), name
+    assert consts["STATE"] == state.STATE
+    assert consts["STACK_TOP"] == state.PURGATORY_SIZE
+
+
+def test_purgatory_restores_gprs_in_the_documented_order():
+    code, syms = state.load_purgatory()
+    dec = X.Decoder(64, code, ip=0)
+    loads = {}
+    for ins in dec:
+        if ins.mnemonic == X.Mnemonic.MOV and ins.op1_kind == X.OpKind.MEMORY and \
+                ins.memory_base == X.Register.RSI and ins.op0_kind == X.OpKind.REGISTER:
+            loads[ins.memory_displacement] = ins.op0_register
+    for i, name in enumerate(state.GPR_ORDER):
+        reg = getattr(X.Register, name.upper())
+        assert loads[state.ST_GPRS + 8 * i] == reg, name
+    last = list(X.Decoder(64, code, ip=0))
+    assert last[-1].mnemonic == X.Mnemonic.RET
+    assert last[-2].op0_register == X.Register.RSI  # the base register is restored last
+
+
+def test_state_block_fields():
+    fpu = abi.kvm_fpu()
+    fpu.fcw, fpu.mxcsr = 0x37F, 0x1F80
+    fpu.xmm[6][0] = 0xAB  # XMM6 is callee-saved in the MS x64 ABI
+    regs = {n: 0x1000 + i for i, n in enumerate(state.GPR_ORDER)}
+    regs.update(rsp=0x7FF00, rflags=0x3246)  # IOPL 3 and IF set at CPL 3 in the VM
+    sregs = {"cr0": 0x80010033, "cr3": 0x1234000, "cr4": 0x620, "efer": 0xD00}
+    base = 0x9000_0000
+    st = state.build_state(base, regs, sregs, fpu, rax=0)
+    assert st[:8] == b"VMRUNST1"
+    cr0, cr3, cr4, efer, rflags, rsp = struct.unpack_from("<6Q", st, state.ST_CR0)
+    assert (cr0, cr3, efer, rsp) == (0x80010033, 0x1234000, 0xD00, 0x7FF00)
+    assert cr4 & 0x620 == 0x620
+    assert rflags & (1 << 9) == 0 and rflags & (3 << 12) == 0 and rflags & 0x46 == 0x46
+    gprs = struct.unpack_from("<15Q", st, state.ST_GPRS)
+    assert gprs[0] == 0  # RAX = EFI_SUCCESS
+    assert gprs[1:] == tuple(regs[n] for n in state.GPR_ORDER[1:])
+    fx = st[state.ST_FXSAVE:state.ST_FXSAVE + 512]
+    assert struct.unpack_from("<H", fx, 0)[0] == 0x37F and struct.unpack_from("<I", fx, 24)[0] == 0x1F80
+    assert fx[160 + 16 * 6] == 0xAB
+    limit, gdt = struct.unpack_from("<HQ", st, state.ST_GDTR)
+    assert gdt == base + state.STATE + state.ST_GDT and limit == 23
+    code64 = struct.unpack_from("<Q", st, state.ST_GDT + 8)[0]
+    assert (code64 >> 40) & 0xFF == 0x9A and (code64 >> 53) & 1  # ring-0 64-bit code
+
+
+def test_plan_segments_coalesces_within_ram_ranges_only():
+    ram = [(0x100000, 0x8000_0000), (0x1_0000_0000, 0x2_0000_0000)]
+    ranges = [(0x100000 + i * 0x10000, 0x100000 + i * 0x10000 + 0x1000) for i in range(40)]
+    ranges.append((0x1_0000_0000, 0x1_0400_0000))
+    segs = plan_segments(ranges, ram)
+    assert len(segs) <= MAX_SEGMENTS
+    assert (0x1_0000_0000, 0x1_0400_0000) in segs
+    for s, e in ranges:  # every range still covered
+        assert any(a <= s and e <= b for a, b in segs)
+    for a, b in segs:    # no segment bridges the RAM hole
+        assert any(rs <= a and b <= re_ for rs, re_ in ram)
+
+
+def test_plan_segments_refuses_too_many_ram_ranges():
+    ram = [(i * 0x200000, i * 0x200000 + 0x100000) for i in range(20)]
+    ranges = [(s, s + 0x1000) for s, _ in ram]
+    with pytest.raises(StageError, match="at most 16"):
+        plan_segments(ranges, ram)
+
+
+def test_plan_segments_refuses_memory_outside_ram():
+    with pytest.raises(StageError, match="not inside the target's RAM"):
+        plan_segments([(0x5000, 0x6000)], [(0x100000, 0x200000)])
+
+
+def test_elf_round_trip(tmp_path):
+    segs = [elf.LoadSegment(0x100000, b"\x01" * 5000, 0x3000), elf.LoadSegment(0x200000, b"\x02" * 10, 0x1000)]
+    p = tmp_path / "h.elf"
+    elf.write_elf(p, 0x100123, segs, [(elf.NOTE_METADATA, b'{"a": 1}')])
+    h = elf.read_elf(p.read_bytes())
+    assert h.entry == 0x100123
+    assert [(paddr, filesz, memsz) for _o, filesz, paddr, memsz in h.segments] == [
+        (0x100000, 5000, 0x3000), (0x200000, 10, 0x1000)]
+    data = p.read_bytes()
+    off, filesz, _p, _m = h.segments[0]
+    assert data[off:off + filesz] == b"\x01" * 5000 and off % 4096 == 0
+    assert h.notes[elf.NOTE_METADATA] == b'{"a": 1}'

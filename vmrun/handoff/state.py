@@ -1,0 +1,104 @@
+"""The purgatory page: guest/purgatory.bin, then the state block it restores, then its stack.
+
+Layout of the 8 KiB purgatory area (offsets from its base; guest/purgatory.S has the same):
+
+    0x0000  code (guest/purgatory.bin, entered at ``purgatory_entry``)
+    0x0400  state block (STATE_*)
+    0x2000  top of the purgatory's own stack (it grows down into the first page)
+
+State block (all little-endian):
+
+    0x000 magic b"VMRUNST1"   0x008 version u32, size u32
+    0x010 GDTR: limit u16, base u64      0x020 IDTR: limit u16, base u64
+    0x030 CR0   0x038 CR3   0x040 CR4   0x048 EFER   0x050 RFLAGS   0x058 RSP
+    0x060 FS base   0x068 GS base
+    0x070 RAX RBX RCX RDX RSI RDI RBP R8 R9 R10 R11 R12 R13 R14 R15 (u64 each)
+    0x100 FXSAVE image, 512 bytes (Intel SDM Vol. 1 Table 10-2, 64-bit layout)
+    0x300 GDT: null, ring-0 code64 (selector 0x08), ring-0 data (selector 0x10)
+
+RSP is the payload's stack pointer at its ExitBootServices thunk: [RSP] is the return address,
+so the purgatory's final ``ret`` is exactly the return from ExitBootServices; RAX = EFI_SUCCESS.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+
+from vmrun import layout as L
+from vmrun.kvm import abi
+
+GUEST_DIR = pathlib.Path(__file__).resolve().parents[2] / "guest"
+
+PURGATORY_SIZE = 0x2000
+STATE = 0x400
+STATE_MAGIC = b"VMRUNST1"
+STATE_VERSION = 1
+STATE_SIZE = 0x340
+
+ST_GDTR, ST_IDTR = 0x010, 0x020
+ST_CR0, ST_CR3, ST_CR4, ST_EFER, ST_RFLAGS, ST_RSP = 0x030, 0x038, 0x040, 0x048, 0x050, 0x058
+ST_FS_BASE, ST_GS_BASE = 0x060, 0x068
+ST_GPRS = 0x070
+GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+ST_FXSAVE = 0x100
+ST_GDT = 0x300
+
+GDT_CODE64 = 0x00AF9A000000FFFF   # present, DPL 0, execute/read, L=1, G
+GDT_DATA = 0x00CF92000000FFFF     # present, DPL 0, read/write, D/B, G
+RFLAGS_KEEP = 0xCD5               # CF PF AF ZF SF DF OF: the payload's arithmetic flags only
+
+
+def load_purgatory() -> tuple[bytes, dict[str, int]]:
+    code = (GUEST_DIR / "purgatory.bin").read_bytes()
+    symbols = json.loads((GUEST_DIR / "purgatory.sym.json").read_text())
+    if len(code) > STATE:
+        raise ValueError(f"purgatory.bin is {len(code)} bytes; the state block starts at {STATE:#x}")
+    return code, symbols
+
+
+def fxsave_image(fpu: abi.kvm_fpu) -> bytes:
+    """The 512-byte FXSAVE/FXRSTOR image of a ``struct kvm_fpu``."""
+    img = bytearray(512)
+    struct.pack_into("<HHBxHQQII", img, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode,
+                     fpu.last_ip, fpu.last_dp, fpu.mxcsr, 0xFFFF)
+    for i in range(8):
+        img[32 + 16 * i:32 + 16 * i + 16] = bytes(fpu.fpr[i])
+    for i in range(16):
+        img[160 + 16 * i:160 + 16 * i + 16] = bytes(fpu.xmm[i])
+    return bytes(img)
+
+
+def build_state(base: int, regs: dict[str, int], sregs: dict[str, int], fpu: abi.kvm_fpu,
+                fs_base: int = 0, gs_base: int = 0, rax: int = 0) -> bytes:
+    """The state block for a purgatory at ``base``."""
+    st = bytearray(STATE_SIZE)
+    st[0:8] = STATE_MAGIC
+    struct.pack_into("<II", st, 8, STATE_VERSION, STATE_SIZE)
+    gdt_base = base + STATE + ST_GDT
+    struct.pack_into("<HQ", st, ST_GDTR, 3 * 8 - 1, gdt_base)
+    struct.pack_into("<HQ", st, ST_IDTR, 0, 0)  # no IDT: a fault before the kernel is fatal anyway
+    cr0 = sregs["cr0"] | L.CR0_PE | L.CR0_PG
+    cr4 = sregs["cr4"] | L.CR4_PAE | L.CR4_OSFXSR | L.CR4_OSXMMEXCPT
+    rflags = (regs["rflags"] & RFLAGS_KEEP) | L.RFLAGS_FIXED  # IF, TF, IOPL, RF clear
+    struct.pack_into("<QQQQQQQQ", st, ST_CR0, cr0, sregs["cr3"], cr4, sregs["efer"], rflags,
+                     regs["rsp"], fs_base, gs_base)
+    for i, name in enumerate(GPR_ORDER):
+        value = rax if name == "rax" else regs[name]
+        struct.pack_into("<Q", st, ST_GPRS + 8 * i, value)
+    st[ST_FXSAVE:ST_FXSAVE + 512] = fxsave_image(fpu)
+    struct.pack_into("<QQQ", st, ST_GDT, 0, GDT_CODE64, GDT_DATA)
+    return bytes(st)
+
+
+def build_purgatory_area(base: int, regs, sregs, fpu, **kw) -> tuple[bytes, int]:
+    """(the 8 KiB area for ``base``, the entry address)."""
+    if base % L.PAGE_SIZE:
+        raise ValueError(f"purgatory base {base:#x} is not page-aligned")
+    code, symbols = load_purgatory()
+    area = bytearray(PURGATORY_SIZE)
+    area[0:len(code)] = code
+    area[STATE:STATE + STATE_SIZE] = build_state(base, regs, sregs, fpu, **kw)
+    return bytes(area), base + symbols["purgatory_entry"]

@@ -1,0 +1,168 @@
+"""kexec_load(2) and reboot(2) through ctypes: ``vmrun load`` / ``unload`` / ``exec``.
+
+The handoff ELF's PT_LOAD segments go to kexec_load exactly as kexec-tools would pass them
+(page-aligned physical destinations, entry = the purgatory), after checking that the file was
+staged for this machine: its memory-map digest must equal this host's map (for ``--crash``,
+every segment must lie inside the crash kernel reservation instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import pathlib
+import re
+
+from hostsvc.memmap import TargetMemoryMap
+from vmrun.errors import VmrunError
+from vmrun.handoff import elf
+
+SYS_KEXEC_LOAD = 246
+SYS_REBOOT = 169
+KEXEC_ON_CRASH = 0x1
+KEXEC_ARCH_X86_64 = 62 << 16
+LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
+LINUX_REBOOT_MAGIC2 = 672274793
+LINUX_REBOOT_CMD_KEXEC = 0x45584543
+PAGE = 4096
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class KexecError(VmrunError):
+    """kexec_load/reboot refused, or the handoff does not fit this machine."""
+    exit_code = 50
+    kind = "kexec"
+
+
+class HandoffMismatch(KexecError):
+    exit_code = 51
+    kind = "handoff_mismatch"
+
+
+class kexec_segment(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("bufsz", ctypes.c_size_t),
+                ("mem", ctypes.c_void_p), ("memsz", ctypes.c_size_t)]
+
+
+def _explain_eperm() -> str:
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("not running as root (kexec needs CAP_SYS_BOOT)")
+    try:
+        if pathlib.Path("/proc/sys/kernel/kexec_load_disabled").read_text().strip() == "1":
+            reasons.append("kexec_load is disabled (sysctl kernel.kexec_load_disabled=1, "
+                           "which cannot be undone until reboot)")
+    except OSError:
+        pass
+    try:
+        lockdown = pathlib.Path("/sys/kernel/security/lockdown").read_text()
+        m = re.search(r"\[(\w+)\]", lockdown)
+        if m and m.group(1) != "none":
+            reasons.append(f"kernel lockdown is active ({m.group(1)}): kexec_load of unsigned images is forbidden")
+    except OSError:
+        pass
+    return "; ".join(reasons) or "operation not permitted"
+
+
+def crash_regions() -> list[tuple[int, int]]:
+    out = []
+    try:
+        for line in pathlib.Path("/proc/iomem").read_text().splitlines():
+            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) : Crash kernel", line)
+            if m:
+                out.append((int(m.group(1), 16), int(m.group(2), 16) + 1))
+    except OSError:
+        pass
+    return out
+
+
+def check_fits(h: elf.ElfHandoff, name: str, *, crash: bool, host: TargetMemoryMap | None = None) -> dict:
+    """The handoff's metadata, after checking it was staged for this machine."""
+    if elf.NOTE_METADATA not in h.notes:
+        raise HandoffMismatch(f"{name} has no vmrun metadata note: not a vmrun handoff")
+    meta = json.loads(h.notes[elf.NOTE_METADATA])
+    if crash:
+        regions = crash_regions()
+        if not regions:
+            raise KexecError("no crash kernel reservation (boot with crashkernel=…) for --crash")
+        for off, filesz, paddr, memsz in h.segments:
+            if not any(s <= paddr and paddr + memsz <= e for s, e in regions):
+                raise HandoffMismatch(f"{name}: segment {paddr:#x}+{memsz:#x} is outside the crash kernel "
+                                      "reservation; stage it with --memmap describing that region")
+        return meta
+    host = host or TargetMemoryMap.from_host()
+    if meta.get("memmap", {}).get("digest") != host.digest():
+        raise HandoffMismatch(f"{name} was staged for another memory map ({meta.get('memmap', {}).get('source')}, "
+                              f"digest {meta.get('memmap', {}).get('digest', '?')[:12]}…) than this machine's "
+                              f"({host.digest()[:12]}…): stage it again for this machine")
+    ram = [(r.start, r.end) for r in host.ram()]
+    for off, filesz, paddr, memsz in h.segments:
+        if not any(s <= paddr and paddr + memsz <= e for s, e in ram):
+            raise HandoffMismatch(f"{name}: segment {paddr:#x}+{memsz:#x} is outside this machine's RAM")
+    return meta
+
+
+def load(path: str | os.PathLike, *, crash: bool = False) -> dict:
+    p = pathlib.Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise KexecError(f"cannot read {p}: {e.strerror}") from None
+    h = elf.read_elf(data, p.name)
+    meta = check_fits(h, p.name, crash=crash)
+    if len(h.segments) > 16:
+        raise KexecError(f"{p.name} has {len(h.segments)} segments; kexec takes at most 16")
+    buf = ctypes.create_string_buffer(data, len(data))
+    base = ctypes.addressof(buf)
+    segs = (kexec_segment * len(h.segments))()
+    for i, (off, filesz, paddr, memsz) in enumerate(h.segments):
+        if paddr % PAGE or memsz % PAGE:
+            raise KexecError(f"{p.name}: segment {paddr:#x}+{memsz:#x} is not page-aligned")
+        segs[i] = kexec_segment(base + off, filesz, paddr, memsz)
+    flags = KEXEC_ARCH_X86_64 | (KEXEC_ON_CRASH if crash else 0)
+    ret = _libc.syscall(ctypes.c_long(SYS_KEXEC_LOAD), ctypes.c_ulong(h.entry), ctypes.c_ulong(len(h.segments)),
+                        segs, ctypes.c_ulong(flags))
+    if ret != 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            raise KexecError(f"kexec_load refused: {_explain_eperm()}")
+        if err == errno.EADDRNOTAVAIL:
+            raise KexecError(f"kexec_load refused {p.name}: a segment is outside usable RAM (EADDRNOTAVAIL)")
+        if err == errno.EBUSY:
+            raise KexecError("kexec_load: another kexec image is being loaded or executed (EBUSY)")
+        raise KexecError(f"kexec_load failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+    return meta
+
+
+def unload(*, crash: bool = False) -> None:
+    flags = KEXEC_ARCH_X86_64 | (KEXEC_ON_CRASH if crash else 0)
+    ret = _libc.syscall(ctypes.c_long(SYS_KEXEC_LOAD), ctypes.c_ulong(0), ctypes.c_ulong(0), None,
+                        ctypes.c_ulong(flags))
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise KexecError(f"unloading the kexec image failed: "
+                         f"{_explain_eperm() if err == errno.EPERM else os.strerror(err)}")
+
+
+def loaded(crash: bool = False) -> bool:
+    name = "kexec_crash_loaded" if crash else "kexec_loaded"
+    try:
+        return pathlib.Path(f"/sys/kernel/{name}").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def execute() -> None:
+    """Reboot into the loaded image (does not return on success)."""
+    if not loaded():
+        raise KexecError("no kexec image is loaded (vmrun load STAGED first)")
+    os.sync()
+    ret = _libc.syscall(ctypes.c_long(SYS_REBOOT), ctypes.c_uint(LINUX_REBOOT_MAGIC1),
+                        ctypes.c_uint(LINUX_REBOOT_MAGIC2), ctypes.c_uint(LINUX_REBOOT_CMD_KEXEC), None)
+    err = ctypes.get_errno()
+    raise KexecError(f"reboot(LINUX_REBOOT_CMD_KEXEC) failed: "
+                     f"{_explain_eperm() if err == errno.EPERM else os.strerror(err)} (returned {ret})")
