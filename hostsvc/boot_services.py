@@ -53,6 +53,7 @@ class ExitBootServicesCalled(Exception):
     trace_status = "SUCCESS"
 
     def __init__(self, image_handle: int, map_key: int):
+        super().__init__(f"ExitBootServices(map key {map_key}) succeeded")
         self.image_handle = image_handle
         self.map_key = map_key
 

@@ -198,8 +198,9 @@ class Machine:
             raise ValueError("call_guest passes at most 4 arguments")
         saved = self.vcpu.get_regs()
         top = stack_top if stack_top is not None else saved.rsp - 256  # keep the caller's red zone
-        rsp = (top & ~0xF) - 8 - 32  # room for shadow space; RSP+8 is 16-byte aligned at entry
-        rsp -= 8
+        # as after a `call` from 16-byte-aligned code that reserved the 32-byte shadow space:
+        # at entry [RSP] is the return address and RSP + 8 is 16-byte aligned (UEFI 2.10 §2.3.4.1)
+        rsp = (top & ~0xF) - 32 - 8
         self.mem.write_u64(rsp, self.fw.sym("ret_thunk"))
         regs = abi.kvm_regs()
         regs.rip = func

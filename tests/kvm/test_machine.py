@@ -173,3 +173,26 @@ def test_spinning_guest_hits_the_time_limit(vm):
     vm.start_watchdog()
     with pytest.raises(RunTimeout, match="time limit of 1 s"):
         run(vm, bytes.fromhex("ebfe"))             # jmp $
+
+
+def test_stack_alignment_at_entry_follows_the_ms_x64_abi(vm):
+    # at entry RSP+8 must be 16-byte aligned: a movaps to [rsp+8] only works then
+    code = (bytes.fromhex("0f57c0")                # xorps xmm0, xmm0
+            + bytes.fromhex("0f29442408")          # movaps [rsp+8], xmm0  (#GP when misaligned)
+            + bytes.fromhex("4889e0")              # mov rax, rsp
+            + bytes.fromhex("c3"))                 # ret
+    rsp = run(vm, code)
+    assert (rsp + 8) % 16 == 0
+    vm.mem.write(CODE2, code)
+
+    def handler(machine, sid, regs):               # the same holds for nested calls
+        return machine.call_guest(CODE2, ())
+
+    vm.service_handler = handler
+    outer = (bytes.fromhex("4883ec28")             # sub rsp, 40 (shadow space + alignment)
+             + bytes.fromhex("ff1506000000")       # call [rip+6]
+             + bytes.fromhex("4883c428")           # add rsp, 40
+             + bytes.fromhex("c3")                 # ret
+             + b"\x90" * 1                         # nop (padding)
+             + struct.pack("<Q", vm.fw.thunk(2)))
+    assert (run(vm, outer, at=CODE + 0x800) + 8) % 16 == 0
