@@ -21,6 +21,7 @@ from hostsvc.dispatch import (BOOL, EVENT, GUIDPTR, HANDLE, OPTGUIDPTR, OPTPTR, 
                               UINTN, efiapi)
 from hostsvc.events import TPL_APPLICATION
 from hostsvc.handles import AlreadyStartedError
+from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION
 from hostsvc.status import EfiError
 from vmrun import pe as PE
@@ -323,23 +324,38 @@ class BootServices:
     @efiapi("LoadImage", ("boot_policy", BOOL), ("parent_image_handle", HANDLE), ("device_path", OPTPTR),
             ("source_buffer", OPTPTR), ("source_size", UINTN), ("image_handle", PTR))
     def load_image(self, boot_policy, parent_image_handle, device_path, source_buffer, source_size, image_handle):
+        """§7.4 LoadImage: from SourceBuffer, or (SourceBuffer NULL) from the file the device path
+        names on a SimpleFileSystem volume (the --esp folder)."""
+        from hostsvc import devicepath as DP
         if parent_image_handle not in self.fw.images:
             raise EfiError(S.INVALID_PARAMETER, "ParentImageHandle is not an image")
-        if not source_buffer:
-            raise EfiError(S.NOT_FOUND, "loading from a device path needs a file system (none here)")
-        if source_size == 0:
-            raise EfiError(S.LOAD_ERROR, "SourceSize is 0")
-        data = self.mem.read(source_buffer, source_size)
-        try:
-            pe = PE.parse_pe(data, "image", allowed_subsystems=(10, 11, 12))
-        except VmrunError as e:
-            raise EfiError(S.LOAD_ERROR if "subsystem" not in e.kind else S.UNSUPPORTED, str(e)) from None
-        nodes = []
+        nodes, device_handle, file_nodes = [], 0, []
         if device_path:
-            from hostsvc import devicepath as DP
-            nodes = DP.parse(self.fw._read_device_path(device_path))
-        img = IMG.load_image(self.fw, pe, f"image@{source_buffer:#x}", parent_image_handle,
-                             file_path_nodes=nodes)
+            raw = self.fw._read_device_path(device_path)
+            nodes = DP.parse(raw)
+        if source_buffer:
+            if source_size == 0:
+                raise EfiError(S.LOAD_ERROR, "SourceSize is 0")
+            data = self.mem.read(source_buffer, source_size)
+            name = f"image@{source_buffer:#x}"
+            file_nodes = nodes
+        else:
+            if not device_path:
+                raise EfiError(S.INVALID_PARAMETER, "neither SourceBuffer nor DevicePath")
+            device_handle, offset = self.fw.handles.locate_device_path(G.SIMPLE_FILE_SYSTEM, raw)
+            volume = self.fw.volumes.get(device_handle)
+            if volume is None:
+                raise EfiError(S.NOT_FOUND, "no file system provides that device path")
+            file_nodes = DP.parse(raw[offset:])
+            path = IMG.file_path_text(file_nodes)
+            data = volume.read_file(path)
+            name = path.rsplit("\\", 1)[-1]
+        try:
+            pe = PE.parse_pe(data, name, allowed_subsystems=(10, 11, 12))
+        except VmrunError as e:
+            raise EfiError(S.UNSUPPORTED if "subsystem" in e.kind else S.LOAD_ERROR, str(e)) from None
+        img = IMG.load_image(self.fw, pe, name, parent_image_handle, device_handle=device_handle,
+                             file_path_nodes=file_nodes, source_address=source_buffer)
         self.mem.write_u64(image_handle, img.handle)
 
     @efiapi("StartImage", ("image_handle", HANDLE), ("exit_data_size", OPTPTR), ("exit_data", OPTPTR))
@@ -377,6 +393,7 @@ class BootServices:
     @efiapi("ExitBootServices", ("image_handle", HANDLE), ("map_key", UINTN))
     def exit_boot_services(self, image_handle, map_key):
         if map_key != self.fw.alloc.map_key:
+            TCG2.exit_boot_services(self.fw, success=False)
             raise EfiError(S.INVALID_PARAMETER, f"stale map key {map_key} (current {self.fw.alloc.map_key})")
         if image_handle not in self.fw.images:
             raise EfiError(S.INVALID_PARAMETER, "ImageHandle is not an image")
@@ -384,6 +401,7 @@ class BootServices:
         self.fw.events.signal_group(EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES)
         self.fw.events.signal_group(EVENT_GROUP_EXIT_BOOT_SERVICES)
         self.fw.events.dispatch()
+        TCG2.exit_boot_services(self.fw, success=True)
         raise ExitBootServicesCalled(image_handle, map_key)
 
     # --- §7.5 Miscellaneous Boot Services ------------------------------------------------

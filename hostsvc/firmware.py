@@ -80,6 +80,8 @@ class Firmware:
         self.boot_services_done = False
         self.monotonic_count = 0
         self.variables = VariableStore()
+        self.volumes: dict[int, object] = {}  # SimpleFileSystem handle → volume (LoadImage by path)
+        self.tcg2 = None
 
         fw_size = Machine.firmware_area_size(machine.max_address)
         pages = (fw_size + L.PAGE_SIZE - 1) // L.PAGE_SIZE

@@ -12,6 +12,7 @@ from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
 from hostsvc.memory import AllocType, MemType
+from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.status import EfiError
 from vmrun import layout as L
 from vmrun import pe as PE
@@ -47,8 +48,19 @@ class ImageExit(Exception):
         self.handle, self.status, self.data_size, self.data = handle, status, data_size, data
 
 
+def file_path_text(nodes: list) -> str:
+    """The path named by a run of FilePath nodes (§10.3.5.4), joined with backslashes."""
+    parts = []
+    for n in nodes:
+        if (n.type, n.subtype) != (4, 4):
+            raise EfiError(S.UNSUPPORTED, f"device path node {n.type}/{n.subtype} is not a file path")
+        parts.append(n.data.decode("utf-16-le", "replace").rstrip("\0"))
+    text = "\\".join(p.strip("\\") for p in parts if p.strip("\\"))
+    return "\\" + text
+
+
 def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | None = None,
-               device_handle: int = 0, file_path_nodes: list | None = None) -> Image:
+               device_handle: int = 0, file_path_nodes: list | None = None, source_address: int = 0) -> Image:
     """Place ``pe`` in LoaderCode pages (at its ImageBase when free, else top-down below
     4 GiB), apply relocations, and install LoadedImage + LoadedImageDevicePath on a new handle."""
     pages = (pe.size_of_image + L.PAGE_SIZE - 1) // L.PAGE_SIZE
@@ -85,7 +97,14 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
     file_path = fw.device_path(nodes)
     li = fw.pool(LOADED_IMAGE_SIZE)
     handle = fw.handles.install(None, G.LOADED_IMAGE, li)
-    image_dp = fw.device_path(nodes)
+    # LoadedImageDevicePath (§9.2): the device's path followed by the file path
+    device_nodes = []
+    if device_handle:
+        dev_dp = fw.handles.get_interface(device_handle, G.DEVICE_PATH)
+        if dev_dp:
+            device_nodes = DP.parse(fw._read_device_path(dev_dp))
+    full_path = device_nodes + nodes
+    image_dp = fw.device_path(full_path)
     fw.handles.install(handle, G.LOADED_IMAGE_DEVICE_PATH, image_dp)
     unload = fw.machine.fw.thunk(fw.unload_thunk_id) if getattr(fw, "unload_thunk_id", None) is not None else 0
     fw.mem.write(li, struct.pack("<I4xQQQQQI4xQQQIIQ", LOADED_IMAGE_REVISION, parent, fw.system_table,
@@ -94,6 +113,8 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
     del unload
     img = Image(handle, name, pe, base, pages * L.PAGE_SIZE, pages, base + pe.entry_rva, li)
     fw.images[handle] = img
+    TCG2.measure_image(fw, source_address or base, len(pe.data), pe.data, DP.encode(full_path),
+                       link_time_address=pe.image_base, subsystem=pe.subsystem)
     log.info("image.loaded", name=name, base=hex(base), size=hex(img.size), entry=hex(img.entry),
              handle=hex(handle))
     return img

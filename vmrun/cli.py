@@ -10,7 +10,8 @@ import click
 
 from vmrun import layout as L
 from vmrun import logs
-from vmrun.errors import OUTCOME_EXIT_CODES, BadOptionError, VmrunError
+from vmrun.errors import (OUTCOME_EXIT_CODES, BadOptionError, InputFileError, MalformedImageError,
+                          VmrunError)
 
 _SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -55,6 +56,18 @@ def _run_options(f):
                      help="Most guest memory the payload may allocate."),
         click.option("--var", "variables", multiple=True, metavar="NAME[:GUID]=VALUE",
                      help="Seed a UEFI variable (VALUE: hex:…, str:…, u8:N, u32:N or @FILE)."),
+        click.option("--esp", type=click.Path(file_okay=False, path_type=pathlib.Path), default=None,
+                     help="Present this folder as the EFI System Partition the payload was loaded from."),
+        click.option("--esp-path", default=None,
+                     help="The payload's path on the ESP when it is not inside --esp (default \\EFI\\Linux\\NAME)."),
+        click.option("--esp-writable", is_flag=True, help="Let the payload write to the --esp folder."),
+        click.option("--no-tpm", is_flag=True, help="Offer no EFI_TCG2_PROTOCOL (no measurements)."),
+        click.option("--pcr-banks", default="sha256", show_default=True,
+                     help="Comma-separated PCR banks of the TPM (sha1, sha256, sha384, sha512)."),
+        click.option("--pcr-base", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+                     help="JSON {bank: {index: hex}} of PCR values to start from (default: reset values)."),
+        click.option("--eventlog", "eventlog_out", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+                     default=None, help="Write the TCG event log (crypto-agile binary format) to this file."),
         click.option("--trace", is_flag=True, help="List every service call with arguments and status."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object (see README: JSON output)."),
     ]
@@ -63,20 +76,52 @@ def _run_options(f):
     return f
 
 
-@cli.command()
-@click.argument("payload", type=click.Path(path_type=pathlib.Path))
-@_run_options
-def run(payload, cmdline, initrd, memmap, timeout, memory_cap, variables, trace, as_json):
-    """Run PAYLOAD to ExitBootServices and print a summary."""
+def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, trace, esp, esp_path,
+                      esp_writable, no_tpm, pcr_banks, pcr_base, **extra):
+    from hostsvc import tpm as T
     from hostsvc.variables import parse_var_option
-    from vmrun.runner import RunOptions, run_payload
+    from vmrun.runner import RunOptions
 
     if timeout <= 0:
         raise BadOptionError(f"--timeout {timeout:g}: must be positive")
-    opts = RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
+    if esp is not None and not esp.is_dir():
+        raise BadOptionError(f"--esp {esp}: not a folder")
+    banks = tuple(b.strip().lower() for b in pcr_banks.split(",") if b.strip())
+    try:
+        banks = T.canonical_banks(banks)
+    except (ValueError, KeyError) as e:
+        raise BadOptionError(f"--pcr-banks {pcr_banks!r}: {e}") from None
+    base = None
+    if pcr_base is not None:
+        try:
+            raw = json.loads(pcr_base.read_text())
+            base = {b: {int(i): bytes.fromhex(v) for i, v in vals.items()} for b, vals in raw.items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise BadOptionError(f"--pcr-base {pcr_base}: {e}") from None
+    return RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
                       memory_cap=parse_size(memory_cap), trace=trace,
-                      variables=[parse_var_option(v) for v in variables])
-    result = run_payload(payload, opts)
+                      variables=[parse_var_option(v) for v in variables], esp=esp, esp_path=esp_path,
+                      esp_writable=esp_writable, tpm=not no_tpm, tpm_banks=banks, pcr_base=base, **extra)
+
+
+def _write_eventlog(result, path) -> None:
+    if path is None:
+        return
+    if result.event_log is None:
+        raise BadOptionError("--eventlog: the run had no TPM (--no-tpm)")
+    path.write_bytes(result.event_log)
+
+
+@cli.command()
+@click.argument("payload", type=click.Path(path_type=pathlib.Path))
+@_run_options
+def run(payload, as_json, eventlog_out, **kw):
+    """Run PAYLOAD to ExitBootServices and print a summary."""
+    from vmrun.runner import run_payload
+
+    result = run_payload(payload, _make_run_options(**kw))
+    _write_eventlog(result, eventlog_out)
+    trace = kw["trace"]
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, default=str))
     else:
@@ -91,18 +136,15 @@ def run(payload, cmdline, initrd, memmap, timeout, memory_cap, variables, trace,
 @click.option("--allow-stray-writes", is_flag=True, help="Stage even if the payload wrote memory it did not own.")
 @click.option("--acpi-rsdp", default=None, help="Physical address of the target's ACPI RSDP (config table).")
 @_run_options
-def stage(payload, output, allow_stray_writes, acpi_rsdp, cmdline, initrd, memmap, timeout, memory_cap,
-          variables, trace, as_json):
+def stage(payload, output, allow_stray_writes, acpi_rsdp, as_json, eventlog_out, **kw):
     """Run PAYLOAD to ExitBootServices and write the kexec handoff to OUTPUT."""
-    from hostsvc.variables import parse_var_option
     from vmrun.handoff.stage import StageError, stage as do_stage
-    from vmrun.runner import RunOptions, acpi_hook, run_payload
+    from vmrun.runner import acpi_hook, run_payload
 
+    trace = kw["trace"]
     hooks = [acpi_hook(_parse_address("--acpi-rsdp", acpi_rsdp))] if acpi_rsdp else []
-    opts = RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
-                      memory_cap=parse_size(memory_cap), trace=trace, dirty_log=True, hooks=hooks,
-                      variables=[parse_var_option(v) for v in variables])
-    result = run_payload(payload, opts, keep=True)
+    result = run_payload(payload, _make_run_options(**kw, dirty_log=True, hooks=hooks), keep=True)
+    _write_eventlog(result, eventlog_out)
     try:
         if result.outcome != "exit_boot_services":
             if as_json:
@@ -159,6 +201,31 @@ def unload(crash):
     click.echo("unloaded")
 
 
+@cli.command()
+@click.argument("logfile", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Events and replayed PCRs as JSON.")
+def eventlog(logfile, as_json):
+    """Pretty-print a TCG event log (crypto-agile binary format) and the PCRs it replays to."""
+    from hostsvc import tpm as T
+    try:
+        data = logfile.read_bytes()
+    except OSError as e:
+        raise InputFileError(f"cannot read {logfile}: {e.strerror}") from None
+    try:
+        events = T.parse(data)
+    except (ValueError, IndexError, KeyError) as e:
+        raise MalformedImageError(f"{logfile} is not a TCG event log: {e}") from None
+    if as_json:
+        banks = tuple(dict.fromkeys(alg for e in events if not e.sha1_format for alg in e.digests)) or ("sha256",)
+        pcrs = T.replay(events, banks)
+        click.echo(json.dumps({
+            "events": [{"pcr": e.pcr, "type": e.type_name, "digests": {a: d.hex() for a, d in e.digests.items()},
+                        "data": e.data.hex()} for e in events],
+            "pcrs": {b: {str(i): v.hex() for i, v in vals.items()} for b, vals in pcrs.items()}}, indent=2))
+    else:
+        click.echo(T.format_log(events), nl=False)
+
+
 @cli.command(name="exec")
 def exec_():
     """Reboot into the loaded handoff now (like kexec -e)."""
@@ -189,6 +256,10 @@ def _print_summary(result, trace: bool) -> None:
              + ", ".join(f"{k}×{v}" for k, v in sorted(result.unimplemented.items())))
     if result.emulated:
         echo("emulated: " + ", ".join(f"{k}×{v}" for k, v in sorted(result.emulated.items())))
+    if result.pcrs:
+        for bank, vals in result.pcrs.items():
+            used = {i: v for i, v in vals.items() if int(i) in (4, 5, 7, 9, 11, 12, 13)}
+            echo(f"pcrs:     {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in used.items()))
     lx = result.linux
     if lx:
         echo(f"linux:    boot_params at {lx['boot_params']:#x} (boot protocol {lx['protocol']}), "

@@ -26,6 +26,8 @@ from hostsvc.memmap import TargetMemoryMap
 from hostsvc.memory import MemType
 from hostsvc.protocols.console import TextInput, TextOutput
 from hostsvc.protocols.initrd import InitrdLoadFile2
+from hostsvc import tpm as T
+from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.protocols.rng import Rng
 from hostsvc.runtime_services import RUNTIME_SERVICES_ORDER, ResetSystemCalled, RuntimeServices
 from vmrun import layout as L
@@ -52,6 +54,12 @@ class RunOptions:
     # may return a dict of load_image keyword arguments (device_handle, file_path_nodes)
     hooks: list[Any] = field(default_factory=list)
     dirty_log: bool = False  # KVM dirty-page logging (staging checks for stray writes)
+    esp: pathlib.Path | None = None        # folder presented as the EFI System Partition
+    esp_path: str | None = None            # the payload's path on it when it lies outside
+    esp_writable: bool = False
+    tpm: bool = True                       # EFI_TCG2_PROTOCOL with a software TPM
+    tpm_banks: tuple[str, ...] = ("sha256",)
+    pcr_base: dict | None = None           # bank → {index: bytes} starting values
 
 
 @dataclass
@@ -87,6 +95,8 @@ class RunResult:
     variables: list[dict] = field(default_factory=list)
     config_tables: list[dict] = field(default_factory=list)
     linux: dict | None = None
+    pcrs: dict | None = None
+    event_log: bytes | None = None
     trace: list[dict] | None = None
     frozen: FrozenState | None = None
     machine: Machine | None = None
@@ -115,6 +125,7 @@ class RunResult:
             "variables": self.variables,
             "config_tables": self.config_tables,
             "linux": self.linux,
+            "pcrs": self.pcrs,
         }
         if self.frozen is not None:
             f = self.frozen
@@ -230,6 +241,10 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         write_crc(fw.mem, st)
         _install_runtime_after_ebs(fw)
         Rng(fw).install()
+        if options.tpm:
+            tpm = TCG2.install(fw, options.tpm_banks)
+            if options.pcr_base:
+                tpm.pcrs = T.PcrBanks(tpm.banks, base=options.pcr_base)
         if initrd is not None:
             InitrdLoadFile2(fw, initrd).install()
 
@@ -241,8 +256,13 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         emulator = Emulator(bus)
         machine.exception_handler = emulator.handle
         load_kwargs: dict = {}
-        for hook in options.hooks:
+        hooks = list(options.hooks)
+        if options.esp is not None:
+            from hostsvc.protocols.filesystem import esp_hook
+            hooks.insert(0, esp_hook(options.esp, path, options.esp_path, writable=options.esp_writable))
+        for hook in hooks:
             load_kwargs.update(hook(fw) or {})
+        TCG2.separators(fw)  # ReadyToBoot: PCR 0-7 separators before the OS loader is measured
         img = load_image(fw, image, path.name, 0, load_options=options.cmdline, **load_kwargs)
         log.info("run.start", payload=path.name, entry=hex(img.entry), timeout=options.timeout)
         machine.start_watchdog()
@@ -296,6 +316,10 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         if outcome in ("fault", "timeout", "memory_cap"):
             result.error_obj = error_obj
         result.uart = uart
+        if fw.tcg2 is not None:
+            result.pcrs = {bank: {str(i): v.hex() for i, v in enumerate(vals)}
+                           for bank, vals in fw.tcg2.pcrs.pcrs.items()}
+            result.event_log = fw.tcg2.log_bytes()
         if frozen is not None:
             result.linux = linux.describe_boot_params(fw.mem, fw.alloc.allocations, fw.system_table)
         log.info("run.end", outcome=outcome, seconds=round(seconds, 3), calls=result.calls)

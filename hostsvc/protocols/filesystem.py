@@ -158,8 +158,9 @@ def classify(host: Path, real_root: str) -> tuple[str, tuple[str, ...]]:
         return "file", rel
     if stat.S_ISDIR(st.st_mode):
         return "dir", rel
-    kind = ("character device" if stat.S_ISCHR(st.st_mode) else "block device" if stat.S_ISBLK(st.st_mode)
-            else "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "special file")
+    m = st.st_mode
+    kind = ("character device" if stat.S_ISCHR(m) else "block device" if stat.S_ISBLK(m)
+            else "FIFO" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "special file")
     raise Refused(S.ACCESS_DENIED, f"{kind}, not a file or directory")
 
 
@@ -370,6 +371,7 @@ class EspVolume:
         nodes = self.device_path_nodes()
         self.handle = fw.handles.install_multiple(None, [(G.DEVICE_PATH, fw.device_path(nodes)),
                                                          (G.SIMPLE_FILE_SYSTEM, self.sfs_iface)])
+        fw.volumes[self.handle] = self
         log.info("esp.installed", root=self.real_root, handle=hex(self.handle), writable=self.writable,
                  device_path=DP.to_text(nodes))
         return self.handle
@@ -539,7 +541,8 @@ class EspVolume:
         r = self._resolve(of.parts, name, create=bool(open_mode & MODE_CREATE))
         if r.kind == "missing":
             if name.endswith("\\") and not attributes & ATTR_DIRECTORY:
-                raise EfiError(S.INVALID_PARAMETER, f"{name!r} names a directory; create one with EFI_FILE_DIRECTORY")
+                raise EfiError(S.INVALID_PARAMETER,
+                               f"{name!r} names a directory; create one with EFI_FILE_DIRECTORY")
             self._create(r, bool(attributes & ATTR_DIRECTORY))
             r = self._resolve((), r.efi_path)
         if write and r.kind == "file":

@@ -351,35 +351,75 @@ def _die_with_parent() -> None:
 
 
 def qemu_command(kernel: Path, initramfs: Path, *, memory_mb: int, append: str,
-                 extra_args=()) -> list[str]:
+                 extra_args=(), monitor: str = "none") -> list[str]:
     return [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
-            "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none",
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", monitor,
             "-no-reboot", "-kernel", str(kernel), "-initrd", str(initramfs),
             "-append", append, *extra_args]
 
 
+DEBUG_ITEMS_AT_START = "guest_errors,unimp"
+DEBUG_ITEMS_LATER = "int,cpu_reset,guest_errors,unimp"
+
+
+def _hmp(path: str, command: str, timeout: float = 10) -> str:
+    """Send one command to QEMU's human monitor on a unix socket; return its answer."""
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        buf = b""
+
+        def until_prompt() -> bytes:
+            nonlocal buf
+            while b"(qemu) " not in buf:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            out, _, buf = buf.partition(b"(qemu) ")
+            return out
+
+        until_prompt()  # the banner
+        sock.sendall(command.encode() + b"\n")
+        return until_prompt().decode(errors="replace")
+
+
 def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = DEFAULT_APPEND,
          timeout: float = 120, until: str | None = None, fail: str | None = None,
-         extra_args=(), debug_log: bool = False) -> QemuResult:
+         extra_args=(), debug_log: bool = False, debug_from: str | None = None) -> QemuResult:
     """Boot ``kernel`` + ``initramfs`` under QEMU/TCG with the console on COM1 (stdout).
 
     Returns when QEMU exits (poweroff, or reboot/triple fault with ``-no-reboot``), when the
     regex ``until`` (``matched``) or ``fail`` (``failed``) appears in the serial text, or after
-    ``timeout`` seconds (``timed_out``); QEMU is killed in every case. ``debug_log`` adds
-    ``-d guest_errors,cpu_reset,unimp`` (CPU state at every reset, e.g. a triple fault).
+    ``timeout`` seconds (``timed_out``); QEMU is killed in every case.
+
+    ``debug_log``: QEMU's ``-d`` log comes back in ``qemu_log``: ``guest_errors,unimp`` from the
+    start and, once the regex ``debug_from`` appears on the serial port (switched on through
+    the monitor; at once when ``debug_from`` is None), also ``int,cpu_reset``: every exception
+    and interrupt with the registers, so a fault after a kexec shows vector, RIP, CR2, error
+    code. (``-no-reboot`` ends QEMU at a triple fault, before any reset dump; ``int`` is the
+    record of it.)
     """
     extra_args = list(extra_args)
-    log_path = None
+    log_path = monitor_path = None
+    monitor = "none"
+    tmpdir = None
     if debug_log:
-        fd, log_path = tempfile.mkstemp(prefix="qemu-", suffix=".log", dir=work_dir())
-        os.close(fd)
-        extra_args += ["-d", "guest_errors,cpu_reset,unimp", "-D", log_path]
+        tmpdir = tempfile.TemporaryDirectory(dir=work_dir())
+        log_path = os.path.join(tmpdir.name, "qemu.log")
+        items = DEBUG_ITEMS_LATER if debug_from is None else DEBUG_ITEMS_AT_START
+        extra_args += ["-d", items, "-D", log_path]
+        if debug_from is not None:
+            monitor_path = os.path.join(tmpdir.name, "hmp.sock")
+            monitor = f"unix:{monitor_path},server=on,wait=off"
     cmd = qemu_command(kernel, initramfs, memory_mb=memory_mb, append=append,
-                       extra_args=extra_args)
+                       extra_args=extra_args, monitor=monitor)
     # timeout(1) as a second bound, in case this process is stopped before it kills QEMU.
     full = ["timeout", "-s", "KILL", str(int(timeout) + 30), *cmd]
     until_re = re.compile(until) if until else None
     fail_re = re.compile(fail) if fail else None
+    debug_re = re.compile(debug_from) if monitor_path else None
 
     chunks: list[bytes] = []
     err_chunks: list[bytes] = []
@@ -404,12 +444,21 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
 
     matched = failed = timed_out = False
     searched_upto = 0
+    monitor_note = ""
     try:
         with cond:
             while True:
                 text = b"".join(chunks).decode("utf-8", "replace")
                 # search a little before the new text too: a marker may straddle two reads
                 window = text[max(0, searched_upto - 256):]
+                if debug_re and debug_re.search(window):
+                    debug_re = None
+                    try:
+                        _hmp(monitor_path, f"log {DEBUG_ITEMS_LATER}")
+                        monitor_note = f"[harness: 'log {DEBUG_ITEMS_LATER}' sent at " \
+                                       f"{time.monotonic() - start:.2f}s]\n"
+                    except OSError as e:
+                        monitor_note = f"[harness: monitor command failed: {e}]\n"
                 if until_re and until_re.search(window):
                     matched = True
                     break
@@ -439,9 +488,16 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
         proc.stderr.close()
     seconds = time.monotonic() - start
     qemu_log = ""
-    if log_path:
-        qemu_log = Path(log_path).read_text(errors="replace")
-        os.unlink(log_path)
+    if tmpdir is not None:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - (8 << 20)))  # the last 8 MiB at most
+                qemu_log = monitor_note + f.read().decode("utf-8", "replace")
+        except OSError:
+            qemu_log = monitor_note
+        tmpdir.cleanup()
     return QemuResult(serial=b"".join(chunks).decode("utf-8", "replace"),
                       returncode=returncode, seconds=seconds, timed_out=timed_out,
                       matched=matched, failed=failed,
@@ -454,10 +510,11 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
 # --------------------------------------------------------------------------
 
 _E820_LINE = re.compile(r"BIOS-e820: \[mem 0x[0-9a-f]+-0x[0-9a-f]+\] .*")
+_RSDP_LINE = re.compile(r"ACPI: RSDP 0x([0-9A-Fa-f]+)\b")
 
 E820_INIT = INIT_PREAMBLE + """\
 echo VMRUN-E820-BEGIN
-dmesg | grep BIOS-e820:
+dmesg | grep -E "BIOS-e820:|ACPI: RSDP "
 echo VMRUN-E820-END
 sync
 poweroff -f
@@ -467,16 +524,8 @@ poweroff -f
 _E820_MEMO: dict[str, str] = {}
 
 
-def guest_e820(kernel: Path, memory_mb: int = 1536, *, timeout: float = 120,
-               extra_args=()) -> str:
-    """The ``BIOS-e820: [mem 0x…-0x…] TYPE`` lines a ``memory_mb`` QEMU guest's kernel prints.
-
-    The text is what ``vmrun run --memmap FILE`` and ``TargetMemoryMap.from_text`` read. One
-    boot per (kernel contents, memory size, extra QEMU arguments) and test session: remembered
-    in this process, and shared by the pytest-xdist workers of one run through a file under
-    :func:`work_dir` named after the run (``PYTEST_XDIST_TESTRUNUID``). A new session boots
-    again, so a test of this function always tests a real boot.
-    """
+def _guest_boot_facts(kernel: Path, memory_mb: int, timeout: float, extra_args) -> str:
+    """The first kernel's ``BIOS-e820:`` and ``ACPI: RSDP`` dmesg lines (one boot, cached)."""
     key = hashlib.sha256(repr((_sha256_file(Path(kernel)), memory_mb, list(extra_args),
                                E820_INIT)).encode()).hexdigest()[:16]
     if key in _E820_MEMO:
@@ -495,11 +544,37 @@ def guest_e820(kernel: Path, memory_mb: int = 1536, *, timeout: float = 120,
             lines = [m[0].strip() for m in _E820_LINE.finditer(body)]
             if not r.matched or not lines:
                 raise RuntimeError(f"no BIOS-e820 lines from the guest: {r}")
+            lines += [f"ACPI: RSDP 0x{m[1]}" for m in _RSDP_LINE.finditer(body)][:1]
             text = "\n".join(lines) + "\n"
             if shared is not None:
                 _atomic_write(shared, text.encode())
     _E820_MEMO[key] = text
     return text
+
+
+def guest_e820(kernel: Path, memory_mb: int = 1536, *, timeout: float = 120,
+               extra_args=()) -> str:
+    """The ``BIOS-e820: [mem 0x…-0x…] TYPE`` lines a ``memory_mb`` QEMU guest's kernel prints.
+
+    The text is what ``vmrun run --memmap FILE`` and ``TargetMemoryMap.from_text`` read. One
+    boot per (kernel contents, memory size, extra QEMU arguments) and test session (shared with
+    :func:`guest_acpi_rsdp`): remembered in this process, and shared by the pytest-xdist
+    workers of one run through a file under :func:`work_dir` named after the run
+    (``PYTEST_XDIST_TESTRUNUID``). A new session boots again, so a test of this function always
+    tests a real boot.
+    """
+    text = _guest_boot_facts(kernel, memory_mb, timeout, extra_args)
+    return "".join(line + "\n" for line in text.splitlines() if line.startswith("BIOS-e820:"))
+
+
+def guest_acpi_rsdp(kernel: Path, memory_mb: int = 1536, *, timeout: float = 120,
+                    extra_args=()) -> int | None:
+    """The physical address of the guest's ACPI RSDP (SeaBIOS puts it in the BIOS area), as
+    its kernel prints it: what ``vmrun stage --acpi-rsdp`` needs so that the kexec'd kernel,
+    booted through EFI (no legacy scan), finds ACPI, e.g. to power off."""
+    text = _guest_boot_facts(kernel, memory_mb, timeout, extra_args)
+    m = _RSDP_LINE.search(text)
+    return int(m[1], 16) if m else None
 
 
 # --------------------------------------------------------------------------
@@ -529,6 +604,7 @@ poweroff -f
 def kexec_boot(kernel: Path, staged_elf: Path, *, memory_mb: int = 1536, timeout: float = 180,
                until: str | None = KEXEC_HELLO_MARKER, fail: str | None = FAIL_PATTERN,
                append: str = DEFAULT_APPEND, extra_args=(), debug_log: bool = False,
+               debug_from: str | None = "VMRUN-KEXEC-LOADED",
                initramfs: Path | None = None) -> QemuResult:
     """Boot ``kernel``; its /init loads ``staged_elf`` with ``kexec -l … -t elf-x86_64
     --args-none`` (``-d``: kexec-tools' debug lines are printed), then ``kexec -e``.
@@ -536,25 +612,34 @@ def kexec_boot(kernel: Path, staged_elf: Path, *, memory_mb: int = 1536, timeout
     The serial text covers the whole session: the first kernel, the markers, and whatever the
     kexec'd code prints. The run stops at ``until`` (default: the hello program's marker),
     at ``fail`` (the /init's failure marker or a panic), at QEMU's exit (a triple fault resets,
-    and ``-no-reboot`` turns that into an exit) or at ``timeout``. ``initramfs``: where to write
-    the initramfs (default: a temporary file, removed afterwards).
+    and ``-no-reboot`` turns that into an exit) or at ``timeout``. ``debug_log``: QEMU's
+    exception log from ``debug_from`` on (see :func:`boot`), in ``qemu_log``. ``initramfs``:
+    where to write the initramfs (default: a temporary file, removed afterwards).
     """
     files = {"staged.elf": Path(staged_elf)}
     if initramfs is not None:
         img = build_initramfs(Path(initramfs), files, KEXEC_INIT)
         return boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
-                    until=until, fail=fail, extra_args=extra_args, debug_log=debug_log)
+                    until=until, fail=fail, extra_args=extra_args, debug_log=debug_log,
+                    debug_from=debug_from)
     with tempfile.TemporaryDirectory(dir=work_dir()) as t:
         img = build_initramfs(Path(t, "kexec.cpio"), files, KEXEC_INIT)
         return boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
-                    until=until, fail=fail, extra_args=extra_args, debug_log=debug_log)
+                    until=until, fail=fail, extra_args=extra_args, debug_log=debug_log,
+                    debug_from=debug_from)
 
 
-def build_kexec_hello(out: Path, base: int = KEXEC_HELLO_BASE) -> Path:
-    """Assemble ``kexec_hello.S`` into an ELF64 ET_EXEC, one PT_LOAD at ``base`` (= entry)."""
+def build_flat_elf(source: Path | str, out: Path, base: int) -> Path:
+    """Assemble 64-bit GNU as ``source`` (a file, or the text itself) into an ELF64 ET_EXEC
+    with one PT_LOAD at physical = virtual address ``base`` and the entry at ``_start``."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     obj = out.with_suffix(".o")
-    subprocess.run(["as", "--64", "-o", str(obj), str(HERE / "kexec_hello.S")],
+    if isinstance(source, Path):
+        src_args, src_input = [str(source)], None
+    else:
+        src_args, src_input = ["-"], source.encode()
+    subprocess.run(["as", "--64", "-o", str(obj), *src_args], input=src_input,
                    check=True, capture_output=True)
     # -N: text not page-aligned in the file, so the ELF headers are not loaded (one PT_LOAD)
     subprocess.run(["ld", "-m", "elf_x86_64", "-N", "-nostdlib", "-static", "--build-id=none",
@@ -562,6 +647,12 @@ def build_kexec_hello(out: Path, base: int = KEXEC_HELLO_BASE) -> Path:
                     "-e", "_start", "-o", str(out), str(obj)], check=True, capture_output=True)
     obj.unlink()
     return out
+
+
+def build_kexec_hello(out: Path, base: int = KEXEC_HELLO_BASE) -> Path:
+    """``kexec_hello.S`` as an ELF64 ET_EXEC: one PT_LOAD at ``base`` (= its entry) that prints
+    :data:`KEXEC_HELLO_MARKER` on COM1 and halts."""
+    return build_flat_elf(HERE / "kexec_hello.S", out, base)
 
 
 def have_qemu() -> bool:

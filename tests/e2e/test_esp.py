@@ -8,11 +8,14 @@ import importlib.util
 import os
 import re
 import shutil
+import struct
+import subprocess
 
 import pytest
 import structlog
 
 from hostsvc import devicepath as DP
+from hostsvc import guids as G
 from hostsvc.protocols.filesystem import EspVolume, default_partuuid, esp_hook
 from tests.e2e.efiapps import APPS_DIR, ROOT
 from vmrun.runner import RunOptions, run_payload
@@ -96,7 +99,8 @@ def test_fs_app_on_esp(esp):
     assert "symlink leaves the volume" in whys
     assert any("FIFO" in w for w in whys)
     paths = {e["path"] for e in refused}
-    assert {"\\link-out", "\\LINK-OUT", "\\fifo", "\\..\\outside.txt", "\\EFI\\BOOT\\..\\..\\..\\outside.txt"} <= paths
+    assert {"\\link-out", "\\LINK-OUT", "\\fifo", "\\..\\outside.txt",
+            "\\EFI\\BOOT\\..\\..\\..\\outside.txt"} <= paths
     traced = [t for t in r.trace if t["service"] == "Open" and t["status"] == "ACCESS_DENIED"]
     assert len(traced) == len(JAIL_CHECKS) - 1
     assert any("symlink leaves the volume" in t["note"] for t in traced)
@@ -132,3 +136,55 @@ def test_without_volume_the_app_fails(esp):
     done = DONE.findall(console)
     assert done and int(done[-1][1]) > 0
     assert r.exit_status != 0
+
+
+# --------------------------------------------------------------------------------------------
+# the point of it all: a systemd-stub UKI on the ESP finds its sidecars
+# --------------------------------------------------------------------------------------------
+
+def _make_uki(stub, kernel, out, cmdline="console=ttyS0"):
+    """stub + .osrel/.cmdline/.linux sections, each page-aligned after the stub's image (the
+    usual objcopy recipe; x86_64-w64-mingw32-objcopy comes with the EFI-app toolchain)."""
+    import struct
+    import subprocess
+    raw = stub.read_bytes()
+    pe = struct.unpack_from("<I", raw, 0x3C)[0]
+    nsec, optsz = struct.unpack_from("<H", raw, pe + 6)[0], struct.unpack_from("<H", raw, pe + 20)[0]
+    opt = pe + 24
+    base, align = struct.unpack_from("<Q", raw, opt + 24)[0], struct.unpack_from("<I", raw, opt + 32)[0]
+    end = max(sum(struct.unpack_from("<II", raw, opt + optsz + 40 * i + 8)) for i in range(nsec))
+    osrel, cmd = out.with_suffix(".osrel"), out.with_suffix(".cmdline")
+    osrel.write_text("ID=debian\nVERSION_ID=13\n")
+    cmd.write_text(cmdline)
+    args, vma = [], -(-end // align) * align
+    for name, path in ((".osrel", osrel), (".cmdline", cmd), (".linux", kernel)):
+        args += ["--add-section", f"{name}={path}", "--change-section-vma", f"{name}={base + vma:#x}"]
+        vma += -(-path.stat().st_size // align) * align
+    subprocess.run(["x86_64-w64-mingw32-objcopy", *args, str(stub), str(out)], check=True)
+
+
+@pytest.mark.payloads
+def test_systemd_stub_reads_its_sidecars(tmp_path, stub_257, trixie_kernel):
+    root = tmp_path / "esp"
+    extra = root / "EFI" / "Linux" / "uki.efi.extra.d"
+    extra.mkdir(parents=True)
+    (extra / "x.cred").write_bytes(b"credential from extra.d")
+    (extra / "sys.confext.raw").write_bytes(b"confext image")
+    (root / "loader" / "credentials").mkdir(parents=True)
+    (root / "loader" / "credentials" / "y.cred").write_bytes(b"global credential")
+    (tmp_path / "outside.cred").write_bytes(SECRET)
+    os.symlink(tmp_path / "outside.cred", extra / "z.cred")          # a sidecar escaping the ESP
+    uki = root / "EFI" / "Linux" / "uki.efi"
+    _make_uki(stub_257, trixie_kernel, uki)
+    vol = EspVolume(None, root)
+    r, logs = _run(uki, [vol.hook(uki)])
+    assert r.outcome == "exit_boot_services", (r.error, r.console)
+    opened = [e["path"] for e in logs if e["event"] == "esp.open"]
+    assert "\\EFI\\Linux\\uki.efi.extra.d\\x.cred" in opened
+    assert "\\EFI\\Linux\\uki.efi.extra.d\\sys.confext.raw" in opened
+    assert "\\loader\\credentials\\y.cred" in opened
+    assert not any("z.cred" in p for p in opened)                     # hidden from the listing
+    part = r.firmware.variables.get("LoaderDevicePartUUID", G.LOADER_VENDOR).data
+    assert part.decode("utf-16-le").rstrip("\0").lower() == str(vol.partuuid)
+    ident = r.firmware.variables.get("LoaderImageIdentifier", G.LOADER_VENDOR).data
+    assert ident.decode("utf-16-le").rstrip("\0") == "\\EFI\\Linux\\uki.efi"

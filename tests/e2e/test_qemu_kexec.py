@@ -101,3 +101,17 @@ def test_kexec_load_failure_is_reported_at_once(bookworm_kernel, tmp_path):
     assert "kexec -l exited with" in r.serial, str(r)
     assert "Invalid memory segment 0x70000000" in r.serial, str(r)
     assert "VMRUN-KEXEC-EXEC" not in r.serial, str(r)
+
+
+@pytest.mark.timeout(180)
+def test_a_fault_after_kexec_is_in_the_debug_log(bookworm_kernel, tmp_path):
+    """What a broken handoff looks like: the code at the entry faults with no IDT, the CPU
+    triple-faults, -no-reboot ends QEMU, and debug_log's exception log names the instruction."""
+    elf = qemu.build_flat_elf(".code64\n.globl _start\n_start:\n mov $0x5a5a, %eax\n ud2\n",
+                              tmp_path / "ud2.elf", qemu.KEXEC_HELLO_BASE)
+    r = qemu.kexec_boot(bookworm_kernel, elf, memory_mb=GUEST_MB, timeout=120, debug_log=True)
+    assert not r.matched and not r.failed and not r.timed_out, str(r)
+    assert r.returncode == 0 and "VMRUN-KEXEC-EXEC" in r.serial, str(r)
+    ud2_at = qemu.KEXEC_HELLO_BASE + 5  # after the 5-byte mov
+    assert f"v=06 e=0000 i=0 cpl=0 IP=0010:{ud2_at:016x}" in r.qemu_log, r.qemu_log[-3000:]
+    assert r.qemu_log.rstrip().endswith("Triple fault"), r.qemu_log[-3000:]

@@ -40,6 +40,7 @@ APPS = [
     "privileged",
     "emulated",
     "ebs",
+    "fs",
     "chain",        # helper for run_ovmf.py --cmdline, not a test
 ]
 

@@ -254,6 +254,7 @@ class FakeFw:
         self.next = self.BASE
         self.freed: list[int] = []
         self.installed: list = []
+        self.volumes: dict = {}
         self.table = ServiceTable(self.mem)
         self.machine = SimpleNamespace(fw=SimpleNamespace(thunk=lambda i: 0xF0000000 + 16 * i))
         self.alloc = SimpleNamespace(free_pool=self.freed.append)
@@ -334,7 +335,8 @@ def test_install_layout(guest, tree):
     kinds = [g for g, _ in fw.installed]
     assert kinds == [G.DEVICE_PATH, G.SIMPLE_FILE_SYSTEM] and guest.handle == 0x7770
     text = DP.to_text(fw.mem.read(fw.installed[0][1], 12 + 6 + 42 + 4))
-    assert text == f"PciRoot(0x0)/Pci(0x1,0x1)/HD(1,GPT,{F.default_partuuid(tree)},0x800,{vol.volume_bytes // 512:#x})"
+    sectors = vol.volume_bytes // 512
+    assert text == f"PciRoot(0x0)/Pci(0x1,0x1)/HD(1,GPT,{F.default_partuuid(tree)},0x800,{sectors:#x})"
     assert struct.unpack("<QQ", fw.mem.read(vol.sfs_iface, 16))[0] == 0x00010000
     root = guest.open_volume()
     rev, *thunks = struct.unpack("<15Q", fw.mem.read(root, F.FILE_STRUCT_SIZE))
