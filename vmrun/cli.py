@@ -202,6 +202,17 @@ def unload(crash):
 
 
 @cli.command()
+@click.argument("file", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def inspect(file, as_json):
+    """Show the anatomy of a PE/UKI: sections with sizes and hashes, .osrel/.uname/.cmdline/.sbat,
+    signature, embedded kernel version."""
+    from vmrun.inspect import format_text, inspect_file
+    info = inspect_file(file)
+    click.echo(json.dumps(info, indent=2) if as_json else format_text(info), nl=as_json)
+
+
+@cli.command()
 @click.argument("logfile", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--json", "as_json", is_flag=True, help="Events and replayed PCRs as JSON.")
 def eventlog(logfile, as_json):
