@@ -44,6 +44,32 @@ class VariableStore:
              attributes: int = NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS) -> None:
         self.vars[(name, guid)] = Variable(name, guid, attributes, data)
 
+    def summary(self) -> list[dict]:
+        """The variables the payload set (final value, or deleted), for the run summary."""
+        out = []
+        seen = set()
+        for w in self.writes:
+            key = (w["name"], w["guid"])
+            if key in seen:
+                continue
+            seen.add(key)
+            v = self.vars.get((w["name"], uuid.UUID(w["guid"])))
+            entry = {"name": w["name"], "guid": w["guid"], "writes": sum(1 for x in self.writes
+                                                                        if (x["name"], x["guid"]) == key)}
+            if v is None:
+                entry["deleted"] = True
+            else:
+                entry.update(attributes=v.attributes, size=len(v.data), data=v.data.hex())
+                if len(v.data) % 2 == 0 and v.data.endswith(b"\0\0"):
+                    try:
+                        text = v.data.decode("utf-16-le").rstrip("\0")
+                    except UnicodeDecodeError:
+                        text = ""
+                    if text and text.isprintable():
+                        entry["text"] = text
+            out.append(entry)
+        return out
+
     def get(self, name: str, guid: uuid.UUID) -> Variable:
         v = self.vars.get((name, guid))
         if v is None:
@@ -122,3 +148,50 @@ def parse_var_option(text: str) -> tuple[str, uuid.UUID, bytes]:
     except (ValueError, OverflowError, OSError) as e:
         raise BadOptionError(f"--var {text!r}: {e}") from None
     return name, guid, data
+
+
+def load_vars_file(path) -> list[tuple[str, uuid.UUID, bytes, int]]:
+    """``--vars FILE``: a JSON list of {"name", "guid" (default global), "data" hex | "text"
+    (UTF-16, NUL added), "attributes" (default NV|BS|RT)}."""
+    import json
+    try:
+        raw = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadOptionError(f"--vars {path}: {e}") from None
+    if not isinstance(raw, list):
+        raise BadOptionError(f"--vars {path}: expected a JSON list of variables")
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            name = item["name"]
+            guid = uuid.UUID(item.get("guid", str(GLOBAL_VARIABLE)))
+            if "text" in item:
+                data = (item["text"] + "\0").encode("utf-16-le")
+            else:
+                data = bytes.fromhex(item["data"])
+            attrs = int(item.get("attributes", NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadOptionError(f"--vars {path}: entry {i}: {e}") from None
+        out.append((name, guid, data, attrs))
+    return out
+
+
+def host_variables(root="/sys/firmware/efi/efivars") -> list[tuple[str, uuid.UUID, bytes, int]]:
+    """``--host-vars``: this machine's UEFI variables from efivarfs (``Name-GUID`` files whose
+    first 4 bytes are the attributes)."""
+    d = pathlib.Path(root)
+    if not d.is_dir():
+        raise BadOptionError(f"--host-vars: {root} does not exist (this machine did not boot with UEFI, "
+                             "or efivarfs is not mounted)")
+    out = []
+    for f in sorted(d.iterdir()):
+        name, _, guid_text = f.name.rpartition("-")[0], None, f.name[-36:]
+        try:
+            guid = uuid.UUID(guid_text)
+            raw = f.read_bytes()
+        except (ValueError, OSError):
+            continue
+        if len(raw) < 4:
+            continue
+        out.append((f.name[:-37], guid, raw[4:], int.from_bytes(raw[:4], "little")))
+    return out

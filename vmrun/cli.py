@@ -61,6 +61,11 @@ def _run_options(f):
         click.option("--esp-path", default=None,
                      help="The payload's path on the ESP when it is not inside --esp (default \\EFI\\Linux\\NAME)."),
         click.option("--esp-writable", is_flag=True, help="Let the payload write to the --esp folder."),
+        click.option("--esp-partuuid", default=None,
+                     help="Partition GUID of the ESP's HD() device-path node (default: stable, from the folder path)."),
+        click.option("--vars", "vars_file", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+                     help="Seed UEFI variables from a JSON list of {name, guid, data|text, attributes}."),
+        click.option("--host-vars", is_flag=True, help="Seed UEFI variables from this machine's efivarfs."),
         click.option("--no-tpm", is_flag=True, help="Offer no EFI_TCG2_PROTOCOL (no measurements)."),
         click.option("--pcr-banks", default="sha256", show_default=True,
                      help="Comma-separated PCR banks of the TPM (sha1, sha256, sha384, sha512)."),
@@ -77,9 +82,11 @@ def _run_options(f):
 
 
 def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, trace, esp, esp_path,
-                      esp_writable, no_tpm, pcr_banks, pcr_base, **extra):
+                      esp_writable, esp_partuuid, vars_file, host_vars, no_tpm, pcr_banks, pcr_base, **extra):
+    import uuid
+
     from hostsvc import tpm as T
-    from hostsvc.variables import parse_var_option
+    from hostsvc.variables import host_variables, load_vars_file, parse_var_option
     from vmrun.runner import RunOptions
 
     if timeout <= 0:
@@ -98,10 +105,18 @@ def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, t
             base = {b: {int(i): bytes.fromhex(v) for i, v in vals.items()} for b, vals in raw.items()}
         except (OSError, ValueError, AttributeError) as e:
             raise BadOptionError(f"--pcr-base {pcr_base}: {e}") from None
+    try:
+        partuuid = uuid.UUID(esp_partuuid) if esp_partuuid else None
+    except ValueError:
+        raise BadOptionError(f"--esp-partuuid {esp_partuuid!r}: not a GUID") from None
+    seeds = host_variables() if host_vars else []
+    if vars_file is not None:
+        seeds += load_vars_file(vars_file)
+    seeds += [parse_var_option(v) for v in variables]
     return RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
-                      memory_cap=parse_size(memory_cap), trace=trace,
-                      variables=[parse_var_option(v) for v in variables], esp=esp, esp_path=esp_path,
-                      esp_writable=esp_writable, tpm=not no_tpm, tpm_banks=banks, pcr_base=base, **extra)
+                      memory_cap=parse_size(memory_cap), trace=trace, variables=seeds, esp=esp,
+                      esp_path=esp_path, esp_writable=esp_writable, esp_partuuid=partuuid, tpm=not no_tpm,
+                      tpm_banks=banks, pcr_base=base, **extra)
 
 
 def _write_eventlog(result, path) -> None:

@@ -28,6 +28,7 @@ from hostsvc.protocols.console import TextInput, TextOutput
 from hostsvc.protocols.initrd import InitrdLoadFile2
 from hostsvc import tpm as T
 from hostsvc.protocols import tcg2 as TCG2
+from hostsvc.protocols.devicepath_text import DevicePathText
 from hostsvc.protocols.rng import Rng
 from hostsvc.runtime_services import RUNTIME_SERVICES_ORDER, ResetSystemCalled, RuntimeServices
 from vmrun import layout as L
@@ -57,6 +58,7 @@ class RunOptions:
     esp: pathlib.Path | None = None        # folder presented as the EFI System Partition
     esp_path: str | None = None            # the payload's path on it when it lies outside
     esp_writable: bool = False
+    esp_partuuid: Any = None               # uuid.UUID of the ESP's HD() node (default: from the path)
     tpm: bool = True                       # EFI_TCG2_PROTOCOL with a software TPM
     tpm_banks: tuple[str, ...] = ("sha256",)
     pcr_base: dict | None = None           # bank → {index: bytes} starting values
@@ -227,8 +229,8 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
     try:
         fw = Firmware(machine, target, FirmwareOptions(cmdline=options.cmdline, initrd=initrd,
                                                        trace=options.trace, memory_cap=options.memory_cap))
-        for name, guid, value in options.variables:
-            fw.variables.seed(name, guid, value)
+        for name, guid, value, *attrs in options.variables:
+            fw.variables.seed(name, guid, value, *attrs)
         bs, rt = _install_tables(fw)
         con_out = TextOutput(fw)
         out_handle, out_iface = con_out.install("stdout")
@@ -241,6 +243,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         write_crc(fw.mem, st)
         _install_runtime_after_ebs(fw)
         Rng(fw).install()
+        DevicePathText(fw).install()
         if options.tpm:
             tpm = TCG2.install(fw, options.tpm_banks)
             if options.pcr_base:
@@ -259,7 +262,8 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         hooks = list(options.hooks)
         if options.esp is not None:
             from hostsvc.protocols.filesystem import esp_hook
-            hooks.insert(0, esp_hook(options.esp, path, options.esp_path, writable=options.esp_writable))
+            hooks.insert(0, esp_hook(options.esp, path, options.esp_path, writable=options.esp_writable,
+                                     partuuid=options.esp_partuuid))
         for hook in hooks:
             load_kwargs.update(hook(fw) or {})
         TCG2.separators(fw)  # ReadyToBoot: PCR 0-7 separators before the OS loader is measured
@@ -308,7 +312,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
                    "host_service_seconds": round(fw.table.host_seconds, 4)},
             memory={"target": target.source, "target_digest": target.digest(),
                     "allocated_bytes": fw.alloc.allocated_bytes(), "cap_bytes": options.memory_cap},
-            variables=fw.variables.writes,
+            variables=fw.variables.summary(),
             config_tables=[{"guid": str(g), "name": G.guid_name(g), "address": hex(t)}
                            for g, t in fw.config.entries],
             trace=[vars(t) for t in fw.table.trace] if options.trace else None,

@@ -67,3 +67,25 @@ def test_memmap_in_the_flash_window_is_refused(tmp_path, bookworm_kernel):
                         str(m)], capture_output=True, text=True, timeout=60)
     assert p.returncode == E.BadOptionError.exit_code
     assert "Traceback" not in p.stderr and "bad.txt" in p.stderr
+
+
+def test_seeded_secure_boot_variable_reaches_the_stub(tmp_path, bookworm_kernel):
+    """--vars seeds the store; the Linux stub reads SecureBoot and says so on the console."""
+    f = tmp_path / "vars.json"
+    f.write_text(json.dumps([{"name": "SecureBoot", "data": "01", "attributes": 6}]))
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(bookworm_kernel), "--vars", str(f),
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Secure Boot is enabled" in json.loads(p.stdout)["console"]
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(bookworm_kernel), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert "Secure Boot is enabled" not in json.loads(p.stdout)["console"]
+
+
+def test_host_vars_without_efivarfs_is_a_clear_error(bookworm_kernel):
+    import pathlib
+    if pathlib.Path("/sys/firmware/efi/efivars").is_dir():
+        pytest.skip("this machine has efivarfs")
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(bookworm_kernel), "--host-vars"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == E.BadOptionError.exit_code and "efivars" in p.stderr

@@ -107,3 +107,19 @@ def test_257_addon_extends_the_cmdline_and_credentials_reach_the_initrd(tmp_path
         assert r.pcrs["sha256"]["12"] != "00" * 32
     finally:
         r.machine.close()
+
+
+def test_stub_variables_are_reported(esp):
+    """systemd-stub publishes Loader*/Stub* variables; with DevicePathToText it can name its
+    own image, and LoaderDevicePartUUID is the ESP's partition GUID we chose."""
+    version, d, uki, initrd = esp
+    part = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+    r = run_payload(uki, RunOptions(esp=d, esp_partuuid=__import__("uuid").UUID(part), timeout=60))
+    assert r.outcome == "exit_boot_services", r.error
+    v = {x["name"]: x for x in r.variables}
+    assert v["LoaderDevicePartUUID"]["text"].lower() == part
+    assert v["StubInfo"]["text"].startswith(f"systemd-stub {version}")
+    if version == "257":
+        assert v["StubImageIdentifier"]["text"] == "\\EFI\\Linux\\uki.efi"
+    assert v["LoaderImageIdentifier"]["text"] == "\\EFI\\Linux\\uki.efi"
+    assert v["LoaderDevicePartUUID"]["attributes"] & 0x6 == 0x6  # boot service + runtime access
