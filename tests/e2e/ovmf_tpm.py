@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -169,10 +168,8 @@ def build_uki(stub: Path, out: Path, *, linux: Path, initrd: Path | None, cmdlin
         sections[".initrd"] = Path(initrd).read_bytes()
     sections[".linux"] = Path(linux).read_bytes()
 
-    def rank(name: str) -> int:
-        if name in SECTION_ORDER:
-            return SECTION_ORDER.index(name)
-        return SECTION_ORDER.index(".initrd") - 0.5  # type: ignore[return-value]
+    def rank(name: str) -> float:  # unknown names just before .initrd
+        return SECTION_ORDER.index(name) if name in SECTION_ORDER else SECTION_ORDER.index(".initrd") - 0.5
     names = sorted(sections, key=rank)
 
     img = PE.load_file(stub)

@@ -61,7 +61,8 @@ def test_pcr11_is_systemd_measure_prediction(reference, bookworm_kernel):
                               f"--osrel={d / 'osrel'}", f"--cmdline={d / 'cmdline'}",
                               f"--initrd={initrd}", f"--bank={bank}", "--phase=", "--json=short"],
                              capture_output=True, text=True, check=True).stdout
-        predicted = json.loads(out.split("\n")[0].split("}]}")[0] + "}]}")[bank][0]
+        # one JSON object, then (252) a "# PCR[11] Phase <:>" comment on the same line
+        predicted = json.JSONDecoder().raw_decode(out.strip())[0][bank][0]
         assert predicted["pcr"] == 11
         assert ref.pcrs[bank][11] == predicted["hash"], bank
 
@@ -114,3 +115,21 @@ def test_tpm2_eventlog_parses_the_log(reference):
             if index in KERNEL_EXTENDED or (index not in theirs[bank] and set(value) == {"0"}):
                 continue
             assert theirs[bank].get(index) == value, f"tpm2_eventlog {bank} PCR {index}"
+
+
+@pytest.mark.timeout(300)
+def test_esp_extra_credential_is_measured_into_pcr12(reference):
+    """``esp_extra`` puts files next to the UKI: systemd-stub 252 picks up a credential from
+    BOOTX64.EFI.extra.d/ and measures it into PCR 12 ("Credentials initrd")."""
+    d, uki, initrd, ref = reference
+    cred = O.boot_uki(uki, esp_extra={"EFI/BOOT/BOOTX64.EFI.extra.d/ref.cred": b"reference-credential"},
+                      timeout=180)
+    print(f"\n[ovmf_tpm] boot with a credential: {cred.seconds:.1f}s")
+    assert cred.complete and not cred.errors, str(cred)
+    assert set(ref.pcrs["sha256"][12]) == {"0"}
+    assert set(cred.pcrs["sha256"][12]) != {"0"}
+    pcr12 = [e for e in cred.events() if e.pcr == 12]
+    assert [e.data.decode("utf-16-le").rstrip("\0") for e in pcr12] == ["Credentials initrd"]
+    # nothing else changed: the same firmware, stub, kernel and initrd measure the same
+    for index in (0, 1, 2, 3, 4, 5, 6, 7, 9, 11):
+        assert cred.pcrs["sha256"][index] == ref.pcrs["sha256"][index], index

@@ -143,7 +143,37 @@ def test_vmrun_staged_kernel_boots_after_kexec(release, request, test_initrd, tm
     r = qemu.kexec_boot(kernel, staged, memory_mb=GUEST_MB, timeout=150, until=None)
     assert not r.failed and not r.timed_out, str(r)
     after = r.serial.split("VMRUN-KEXEC-EXEC", 1)[-1]
+    assert re.search(r"Linux version \S+", after), str(r)  # the second kernel's banner
     assert re.search(r"efi: EFI v[0-9.]+ by vmrun", after), str(r)  # the second kernel, booted through us
     assert "VMRUN-INITRD-OK" in after, str(r)
     assert cmdline in after.split("VMRUN-INITRD-OK", 1)[1], str(r)
     assert "reboot: Power down" in after and r.returncode == 0, str(r)  # ACPI found: RSDP ok
+
+
+@pytest.mark.kvm
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stub", ["252", "257"])
+def test_vmrun_staged_uki_boots_after_kexec(stub, bookworm_kernel, payload_cache, test_initrd, tmp_path):
+    """A UKI (Debian's systemd-stub around the bookworm kernel and the test initrd) staged from
+    an ESP folder: after kexec the kernel boots with the UKI's own command line and initrd."""
+    from tests.e2e.uki import build_uki
+    memmap = tmp_path / "guest.e820"
+    memmap.write_text(qemu.guest_e820(bookworm_kernel, GUEST_MB))
+    rsdp = qemu.guest_acpi_rsdp(bookworm_kernel, GUEST_MB)
+    cmdline = f"console=ttyS0,115200 panic=-1 vmrun.uki={stub}-e2e"
+    esp = tmp_path / "esp"
+    (esp / "EFI" / "Linux").mkdir(parents=True)
+    uki = build_uki(payload_cache / "stubs" / stub / "linuxx64.efi.stub", esp / "EFI" / "Linux" / "uki.efi",
+                    linux=bookworm_kernel, initrd=test_initrd.read_bytes(), cmdline=cmdline)
+    staged = tmp_path / "staged.elf"
+    st = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "stage", str(uki), "--esp", str(esp),
+                         "-o", str(staged), "--memmap", str(memmap), "--acpi-rsdp", hex(rsdp)],
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and staged.is_file(), st.stdout + st.stderr
+    r = qemu.kexec_boot(bookworm_kernel, staged, memory_mb=GUEST_MB, timeout=150, until=None)
+    assert not r.failed and not r.timed_out, str(r)
+    after = r.serial.split("VMRUN-KEXEC-EXEC", 1)[-1]
+    assert re.search(r"Linux version 6\.1\.", after), str(r)
+    assert "VMRUN-INITRD-OK" in after, str(r)
+    assert cmdline in after.split("VMRUN-INITRD-OK", 1)[1], str(r)  # the UKI's .cmdline, not ours
+    assert "reboot: Power down" in after and r.returncode == 0, str(r)
