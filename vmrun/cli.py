@@ -73,6 +73,10 @@ def _run_options(f):
                      help="JSON {bank: {index: hex}} of PCR values to start from (default: reset values)."),
         click.option("--eventlog", "eventlog_out", type=click.Path(dir_okay=False, path_type=pathlib.Path),
                      default=None, help="Write the TCG event log (crypto-agile binary format) to this file."),
+        click.option("--acpi-rsdp", default=None,
+                     help="Physical address of the target's ACPI RSDP (default: this host's, when staging for it)."),
+        click.option("--smbios", default=None, help="Physical address of the target's SMBIOS entry point."),
+        click.option("--smbios3", default=None, help="Physical address of the target's SMBIOS 3 entry point."),
         click.option("--trace", is_flag=True, help="List every service call with arguments and status."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object (see README: JSON output)."),
     ]
@@ -82,7 +86,8 @@ def _run_options(f):
 
 
 def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, trace, esp, esp_path,
-                      esp_writable, esp_partuuid, vars_file, host_vars, no_tpm, pcr_banks, pcr_base, **extra):
+                      esp_writable, esp_partuuid, vars_file, host_vars, no_tpm, pcr_banks, pcr_base,
+                      acpi_rsdp, smbios, smbios3, **extra):
     import uuid
 
     from hostsvc import tpm as T
@@ -116,7 +121,10 @@ def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, t
     return RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
                       memory_cap=parse_size(memory_cap), trace=trace, variables=seeds, esp=esp,
                       esp_path=esp_path, esp_writable=esp_writable, esp_partuuid=partuuid, tpm=not no_tpm,
-                      tpm_banks=banks, pcr_base=base, **extra)
+                      tpm_banks=banks, pcr_base=base,
+                      acpi_rsdp=_parse_address("--acpi-rsdp", acpi_rsdp) if acpi_rsdp else None,
+                      smbios=_parse_address("--smbios", smbios) if smbios else None,
+                      smbios3=_parse_address("--smbios3", smbios3) if smbios3 else None, **extra)
 
 
 def _write_eventlog(result, path) -> None:
@@ -149,16 +157,14 @@ def run(payload, as_json, eventlog_out, **kw):
 @click.option("-o", "--output", type=click.Path(path_type=pathlib.Path), required=True,
               help="Where to write the handoff (ELF64 for kexec -l … -t elf-x86_64 --args-none).")
 @click.option("--allow-stray-writes", is_flag=True, help="Stage even if the payload wrote memory it did not own.")
-@click.option("--acpi-rsdp", default=None, help="Physical address of the target's ACPI RSDP (config table).")
 @_run_options
-def stage(payload, output, allow_stray_writes, acpi_rsdp, as_json, eventlog_out, **kw):
+def stage(payload, output, allow_stray_writes, as_json, eventlog_out, **kw):
     """Run PAYLOAD to ExitBootServices and write the kexec handoff to OUTPUT."""
     from vmrun.handoff.stage import StageError, stage as do_stage
-    from vmrun.runner import acpi_hook, run_payload
+    from vmrun.runner import run_payload
 
     trace = kw["trace"]
-    hooks = [acpi_hook(_parse_address("--acpi-rsdp", acpi_rsdp))] if acpi_rsdp else []
-    result = run_payload(payload, _make_run_options(**kw, dirty_log=True, hooks=hooks), keep=True)
+    result = run_payload(payload, _make_run_options(**kw, dirty_log=True), keep=True)
     _write_eventlog(result, eventlog_out)
     try:
         if result.outcome != "exit_boot_services":

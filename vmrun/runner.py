@@ -62,6 +62,11 @@ class RunOptions:
     tpm: bool = True                       # EFI_TCG2_PROTOCOL with a software TPM
     tpm_banks: tuple[str, ...] = ("sha256",)
     pcr_base: dict | None = None           # bank → {index: bytes} starting values
+    # configuration tables pointing at the target's own firmware tables (physical addresses);
+    # None = this host's when the target is this host (/sys/firmware/efi/systab), else omitted
+    acpi_rsdp: int | None = None
+    smbios: int | None = None
+    smbios3: int | None = None
 
 
 @dataclass
@@ -161,11 +166,35 @@ def _install_tables(fw: Firmware) -> tuple[int, int]:
 EFI_RT_PROPERTIES_TABLE_VERSION = 1
 
 
-def acpi_hook(rsdp: int):
-    """A setup hook publishing the target's ACPI 2.0 RSDP address as a configuration table."""
-    def hook(fw: Firmware) -> None:
-        fw.set_config_table(G.ACPI_20_TABLE, rsdp)
-    return hook
+SYSTAB = pathlib.Path("/sys/firmware/efi/systab")
+
+
+def host_firmware_tables(systab: pathlib.Path = SYSTAB) -> dict[str, int]:
+    """This machine's ACPI/SMBIOS table addresses as its firmware published them
+    (``ACPI20=0x…`` lines of /sys/firmware/efi/systab); empty when it did not boot with EFI."""
+    out = {}
+    try:
+        for line in systab.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key in ("ACPI20", "ACPI", "SMBIOS", "SMBIOS3"):
+                out[key] = int(value, 16)
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def _install_target_tables(fw: Firmware, options: "RunOptions", target_is_host: bool) -> None:
+    """ACPI/SMBIOS configuration tables pointing at the target machine's own tables, so the next
+    kernel finds them; omitted when unknown (a kernel then scans as it would without EFI)."""
+    host = host_firmware_tables() if target_is_host else {}
+    acpi20 = options.acpi_rsdp if options.acpi_rsdp is not None else host.get("ACPI20")
+    acpi1 = host.get("ACPI") if options.acpi_rsdp is None else None
+    smbios = options.smbios if options.smbios is not None else host.get("SMBIOS")
+    smbios3 = options.smbios3 if options.smbios3 is not None else host.get("SMBIOS3")
+    for guid, addr in ((G.ACPI_20_TABLE, acpi20), (G.ACPI_TABLE, acpi1), (G.SMBIOS_TABLE, smbios),
+                       (G.SMBIOS3_TABLE, smbios3)):
+        if addr:
+            fw.set_config_table(guid, addr)
 
 
 def _install_runtime_after_ebs(fw: Firmware) -> None:
@@ -242,6 +271,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         fw.mem.write_u64(st + 80, err_iface)
         write_crc(fw.mem, st)
         _install_runtime_after_ebs(fw)
+        _install_target_tables(fw, options, target_is_host=options.memmap is None)
         Rng(fw).install()
         DevicePathText(fw).install()
         if options.tpm:

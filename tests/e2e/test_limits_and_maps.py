@@ -89,3 +89,11 @@ def test_host_vars_without_efivarfs_is_a_clear_error(bookworm_kernel):
     p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(bookworm_kernel), "--host-vars"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == E.BadOptionError.exit_code and "efivars" in p.stderr
+
+
+def test_acpi_and_smbios_tables_point_at_the_target(bookworm_kernel):
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(bookworm_kernel), "--acpi-rsdp",
+                        "0xf59d0", "--smbios", "0xf5800", "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    tables = {t["name"]: int(t["address"], 16) for t in json.loads(p.stdout)["config_tables"]}
+    assert tables["ACPI_20_TABLE"] == 0xF59D0 and tables["SMBIOS_TABLE"] == 0xF5800

@@ -96,3 +96,65 @@ def test_load_refuses_a_handoff_for_another_memory_map(tmp_path, bookworm_kernel
     from vmrun.kexec import HandoffMismatch
     assert p.returncode == HandoffMismatch.exit_code, p.stderr
     assert "another memory map" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_stray_writes_are_refused_and_reported(tmp_path):
+    from tests.e2e.efiapps import build_apps
+    from vmrun.handoff.stage import StrayWritesError
+    app = build_apps() / "stray.efi"
+    out = tmp_path / "s.elf"
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "stage", str(app), "-o", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == StrayWritesError.exit_code, p.stderr
+    assert "does not own" in p.stderr and not out.exists()
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "stage", str(app), "-o", str(out),
+                        "--allow-stray-writes", "--json"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    written = int(d["run"]["console"].split("writing to unallocated ", 1)[1].split()[0], 16)
+    pages = [(int(s["start"], 16), int(s["end"], 16)) for s in d["stage"]["stray_writes"]]
+    assert any(s <= written < e for s, e in pages), (hex(written), pages)
+    assert out.exists()
+
+
+@pytest.fixture(scope="module")
+def host_staged(bookworm_kernel):
+    import pathlib
+    import shutil
+    import tempfile
+    d = pathlib.Path(tempfile.mkdtemp(prefix="vmrun-host-stage-"))  # readable by another user
+    d.chmod(0o755)
+    out = d / "host.elf"
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "stage", str(bookworm_kernel), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out.chmod(0o644)
+    yield out
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_load_as_an_unprivileged_user_explains_why(host_staged):
+    import shutil
+    from vmrun.kexec import KexecError
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) missing")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "vmrun.cli", "-q", "load", str(host_staged)], capture_output=True, text=True, timeout=60,
+                       cwd=str(host_staged.parent))
+    assert p.returncode == KexecError.exit_code, p.stderr
+    assert "not running as root" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_crash_load_without_a_reservation_is_refused(host_staged):
+    from vmrun.kexec import KexecError, crash_regions
+    if crash_regions():
+        pytest.skip("this machine has a crashkernel= reservation")
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "load", "--crash", str(host_staged)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == KexecError.exit_code and "crash kernel reservation" in p.stderr
+
+
+def test_load_refuses_a_file_that_is_not_a_handoff(tmp_path, bookworm_kernel):
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "load", str(bookworm_kernel)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == E.MalformedImageError.exit_code and "not an ELF" in p.stderr

@@ -41,6 +41,7 @@ APPS = [
     "emulated",
     "ebs",
     "fs",
+    "stray",
     "chain",        # helper for run_ovmf.py --cmdline, not a test
 ]
 

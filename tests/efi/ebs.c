@@ -44,7 +44,7 @@ EFI_STATUS EFIAPI efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *st)
     EFI_MEMORY_DESCRIPTOR *map = NULL;
 
     lib_init(image, st);
-    say("ebs: ExitBootServices map key and notify semantics");
+    say("ebs: ExitBootServices map key and notify semantics\n");
     s = gBS->CreateEvent(EVT_SIGNAL_EXIT_BOOT_SERVICES, TPL_NOTIFY, on_exit_boot_services, NULL, &ev);
     CHECK_ST("ebs-create-event", s, EFI_SUCCESS);
 
@@ -60,7 +60,7 @@ EFI_STATUS EFIAPI efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *st)
     s = gBS->ExitBootServices(image, key + 1);
     CHECK_ST("ebs-stale-key", s, EFI_INVALID_PARAMETER);
     CHECK_EQ("ebs-no-notify-on-stale-key", notified, 0);
-    say("exiting boot services (%u checks so far, %u failed)", (UINT64)gPassed, (UINT64)gFailed);
+    say("exiting boot services (%u checks so far, %u failed)\n", (UINT64)gPassed, (UINT64)gFailed);
 
     size = buf_size;
     s = gBS->GetMemoryMap(&size, map, &key, &desc_size, &version);

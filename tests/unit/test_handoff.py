@@ -101,3 +101,12 @@ def test_elf_round_trip(tmp_path):
     off, filesz, _p, _m = h.segments[0]
     assert data[off:off + filesz] == b"\x01" * 5000 and off % 4096 == 0
     assert h.notes[elf.NOTE_METADATA] == b'{"a": 1}'
+
+
+def test_host_firmware_tables_from_systab(tmp_path):
+    from vmrun.runner import host_firmware_tables
+    f = tmp_path / "systab"
+    f.write_text("ACPI20=0x7ffe8014\nACPI=0x7ffe8000\nSMBIOS=0x7fe4f000\nSMBIOS3=0x7fe4e000\nTPMFinalLog=0x1\n")
+    assert host_firmware_tables(f) == {"ACPI20": 0x7FFE8014, "ACPI": 0x7FFE8000, "SMBIOS": 0x7FE4F000,
+                                       "SMBIOS3": 0x7FE4E000}
+    assert host_firmware_tables(tmp_path / "missing") == {}
