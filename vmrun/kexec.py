@@ -48,18 +48,19 @@ class kexec_segment(ctypes.Structure):
                 ("mem", ctypes.c_void_p), ("memsz", ctypes.c_size_t)]
 
 
-def _explain_eperm() -> str:
+def _explain_eperm(euid: int | None = None, proc: str = "/proc", security: str = "/sys/kernel/security") -> str:
+    """Why kexec_load/reboot said EPERM: not root, the sysctl, or kernel lockdown."""
     reasons = []
-    if os.geteuid() != 0:
+    if (os.geteuid() if euid is None else euid) != 0:
         reasons.append("not running as root (kexec needs CAP_SYS_BOOT)")
     try:
-        if pathlib.Path("/proc/sys/kernel/kexec_load_disabled").read_text().strip() == "1":
+        if pathlib.Path(proc, "sys/kernel/kexec_load_disabled").read_text().strip() == "1":
             reasons.append("kexec_load is disabled (sysctl kernel.kexec_load_disabled=1, "
                            "which cannot be undone until reboot)")
     except OSError:
         pass
     try:
-        lockdown = pathlib.Path("/sys/kernel/security/lockdown").read_text()
+        lockdown = pathlib.Path(security, "lockdown").read_text()
         m = re.search(r"\[(\w+)\]", lockdown)
         if m and m.group(1) != "none":
             reasons.append(f"kernel lockdown is active ({m.group(1)}): kexec_load of unsigned images is forbidden")
@@ -132,6 +133,8 @@ def load(path: str | os.PathLike, *, crash: bool = False) -> dict:
             raise KexecError(f"kexec_load refused: {_explain_eperm()}")
         if err == errno.EADDRNOTAVAIL:
             raise KexecError(f"kexec_load refused {p.name}: a segment is outside usable RAM (EADDRNOTAVAIL)")
+        if err == errno.ENOSYS:
+            raise KexecError("kexec_load: this kernel was built without kexec support (CONFIG_KEXEC)")
         if err == errno.EBUSY:
             raise KexecError("kexec_load: another kexec image is being loaded or executed (EBUSY)")
         raise KexecError(f"kexec_load failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})")

@@ -142,7 +142,9 @@ def test_load_as_an_unprivileged_user_explains_why(host_staged):
                         "vmrun.cli", "-q", "load", str(host_staged)], capture_output=True, text=True, timeout=60,
                        cwd=str(host_staged.parent))
     assert p.returncode == KexecError.exit_code, p.stderr
-    assert "not running as root" in p.stderr and "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr
+    # a kernel without kexec says ENOSYS before it checks privileges
+    assert "not running as root" in p.stderr or "without kexec support" in p.stderr, p.stderr
 
 
 def test_crash_load_without_a_reservation_is_refused(host_staged):

@@ -110,3 +110,17 @@ def test_host_firmware_tables_from_systab(tmp_path):
     assert host_firmware_tables(f) == {"ACPI20": 0x7FFE8014, "ACPI": 0x7FFE8000, "SMBIOS": 0x7FE4F000,
                                        "SMBIOS3": 0x7FE4E000}
     assert host_firmware_tables(tmp_path / "missing") == {}
+
+
+def test_eperm_explanations(tmp_path):
+    from vmrun.kexec import _explain_eperm
+    (tmp_path / "sys" / "kernel").mkdir(parents=True)
+    (tmp_path / "sys" / "kernel" / "kexec_load_disabled").write_text("1\n")
+    sec = tmp_path / "security"
+    sec.mkdir()
+    (sec / "lockdown").write_text("none [integrity] confidentiality\n")
+    why = _explain_eperm(euid=1000, proc=str(tmp_path), security=str(sec))
+    assert "not running as root" in why and "kexec_load_disabled=1" in why and "lockdown is active (integrity)" in why
+    (tmp_path / "sys" / "kernel" / "kexec_load_disabled").write_text("0\n")
+    (sec / "lockdown").write_text("[none] integrity confidentiality\n")
+    assert _explain_eperm(euid=0, proc=str(tmp_path), security=str(sec)) == "operation not permitted"
