@@ -48,6 +48,8 @@ from pathlib import Path
 from tests.e2e import qemu as Q
 from vmrun import pe as PE
 
+from tests.e2e.uki import DEBIAN_OSREL, SECTION_ORDER, build_uki, check_uki  # noqa: F401 (re-exported)
+
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 OVMF = Path(os.environ.get("OVMF_FD", "/usr/share/ovmf/OVMF.fd"))
 SWTPM = "swtpm"
@@ -58,15 +60,10 @@ ERROR_MARKER = "VMRUN-REF-ERROR"
 # The kernel dying, or the firmware giving up on every boot option, ends a run at once.
 FAIL_PATTERN = r"Kernel panic - not syncing|No bootable option or device was found"
 PAGE = 0x1000
-# UKI sections in file order: the small ones first, the kernel last.
-SECTION_ORDER = (".osrel", ".cmdline", ".uname", ".splash", ".dtb", ".pcrsig", ".pcrpkey",
-                 ".sbat", ".initrd", ".linux")
 # The ESP's partition GUID unless boot_uki is given one (fixed, so device paths repeat).
 DEFAULT_ESP_PARTUUID = uuid.UUID("3e1f7a2c-5b6d-4e8f-9a0b-1c2d3e4f5a6b")
 ESP_TYPE_GUID = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 
-DEBIAN_OSREL = ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
-                'VERSION_ID="12"\nVERSION="12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n')
 
 
 def available() -> str | None:
@@ -137,91 +134,6 @@ def make_reference_initrd(out: Path, *, compress: bool = False) -> Path:
 
 def _round_up(x: int, a: int = PAGE) -> int:
     return (x + a - 1) & ~(a - 1)
-
-
-def _objcopy_for(stub: Path) -> str:
-    override = os.environ.get("VMRUN_OBJCOPY")
-    if override:
-        return override
-    return shutil.which("objcopy") or shutil.which("x86_64-w64-mingw32-objcopy") or "objcopy"
-
-
-def build_uki(stub: Path, out: Path, *, linux: Path, initrd: Path | None, cmdline: str,
-              osrel: str = DEBIAN_OSREL, extra_sections: dict[str, bytes] | None = None,
-              objcopy: str | None = None) -> Path:
-    """Build a UKI at ``out``: ``stub`` (systemd's linuxx64.efi.stub) with .osrel, .cmdline,
-    ``extra_sections``, .initrd and .linux appended by ``objcopy --add-section`` (as systemd's
-    documentation shows for systems without ukify).
-
-    Each section starts at the next 4 KiB boundary after the previous one, the first after the
-    stub's SizeOfImage, in :data:`SECTION_ORDER` (names not listed there before .initrd), the
-    kernel last. ``cmdline`` and ``osrel`` are stored exactly as given (no NUL, no newline
-    added). The result is checked with :func:`vmrun.pe.parse_pe`: every section present with
-    its bytes, none overlapping. Returns ``out``.
-    """
-    sections: dict[str, bytes] = {".osrel": osrel.encode(), ".cmdline": cmdline.encode()}
-    for name, data in (extra_sections or {}).items():
-        if not name.startswith(".") or len(name) > 8:
-            raise ValueError(f"section name {name!r}: must start with '.' and fit 8 bytes")
-        sections[name] = bytes(data)
-    if initrd is not None:
-        sections[".initrd"] = Path(initrd).read_bytes()
-    sections[".linux"] = Path(linux).read_bytes()
-
-    def rank(name: str) -> float:  # unknown names just before .initrd
-        return SECTION_ORDER.index(name) if name in SECTION_ORDER else SECTION_ORDER.index(".initrd") - 0.5
-    names = sorted(sections, key=rank)
-
-    img = PE.load_file(stub)
-    existing = {s.name for s in img.sections}
-    if clash := existing & set(names):
-        raise ValueError(f"{stub} already has section(s) {sorted(clash)}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rva = _round_up(max([img.size_of_image] + [s.rva + s.memory_size for s in img.sections]))
-    with tempfile.TemporaryDirectory(prefix="uki-", dir=out.parent) as t:
-        args = [objcopy or _objcopy_for(stub)]
-        for name in names:
-            part = Path(t, name.lstrip("."))
-            part.write_bytes(sections[name])
-            args += ["--add-section", f"{name}={part}",
-                     "--set-section-flags", f"{name}=contents,alloc,load,readonly,data",
-                     "--change-section-vma", f"{name}={img.image_base + rva:#x}"]
-            rva = _round_up(rva + len(sections[name]))
-        tmp_out = Path(t, "uki.efi")
-        args += [str(stub), str(tmp_out)]
-        r = subprocess.run(args, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed: {r.stderr}")
-        check_uki(tmp_out.read_bytes(), sections, stub_image=img)
-        os.replace(tmp_out, out)
-    return out
-
-
-def check_uki(data: bytes, sections: dict[str, bytes], *, stub_image: PE.PEImage | None = None) -> PE.PEImage:
-    """Parse a built UKI and check it: the stub's sections kept, each added section present with
-    exactly its bytes, no two sections overlapping in memory, all inside SizeOfImage."""
-    built = PE.parse_pe(data, "uki.efi")
-    for name, content in sections.items():
-        sec = built.section(name)
-        if sec is None:
-            raise AssertionError(f"{name} missing from the built UKI")
-        if sec.data() != content or sec.virtual_size != len(content):
-            raise AssertionError(f"{name}: {sec.virtual_size} bytes in the UKI, {len(content)} given")
-    if stub_image is not None:
-        for s in stub_image.sections:
-            b = built.section(s.name)
-            if b is None or b.rva != s.rva or b.data() != s.data():
-                raise AssertionError(f"stub section {s.name} changed in the UKI")
-        if built.entry_rva != stub_image.entry_rva:
-            raise AssertionError("entry point moved")
-    spans = sorted((s.rva, s.rva + s.memory_size, s.name) for s in built.sections)
-    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise AssertionError(f"sections {an} [{a0:#x},{a1:#x}) and {bn} [{b0:#x},{b1:#x}) overlap")
-    if spans and spans[-1][1] > built.size_of_image:
-        raise AssertionError(f"{spans[-1][2]} ends past SizeOfImage {built.size_of_image:#x}")
-    return built
 
 
 # --------------------------------------------------------------------------

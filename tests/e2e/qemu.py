@@ -657,3 +657,100 @@ def build_kexec_hello(out: Path, base: int = KEXEC_HELLO_BASE) -> Path:
 
 def have_qemu() -> bool:
     return shutil.which(QEMU) is not None
+
+
+# --------------------------------------------------------------------------
+# vmrun itself inside the guest: the host's root over virtio 9p
+# --------------------------------------------------------------------------
+
+HOSTROOT_TAG = "hostroot"
+GUEST_HOSTROOT = "/host"
+VMRUN_LOAD_OK = "VMRUN-LOAD-OK"
+VMRUN_LOAD_FAILED = "VMRUN-LOAD-FAILED"      # followed by " rc=N"
+VMRUN_EXEC = "VMRUN-EXEC"
+VMRUN_EXEC_FAILED = "VMRUN-EXEC-FAILED"      # followed by " rc=N": vmrun exec came back
+GUEST_SETUP_FAILED = "VMRUN-GUEST-SETUP-FAILED"  # a module or the 9p mount did not work
+# Ends a vmrun_load_boot run at once: setup failed, vmrun exec returned, or a kernel died.
+VMRUN_LOAD_FAIL_PATTERN = rf"{GUEST_SETUP_FAILED}|{VMRUN_EXEC_FAILED}|Kernel panic - not syncing"
+
+
+def ninep_modules(kernel: Path) -> list[Path]:
+    """The kernel modules a guest running ``kernel`` loads (in this order) to mount a virtio
+    9p share: ``scripts/fetch-payloads`` keeps them next to the cached kernel, in
+    ``modules/`` with a ``load-order`` file (the ones the kernel has built in are left out)."""
+    d = Path(kernel).parent / "modules"
+    order = d / "load-order"
+    if not order.is_file():
+        raise FileNotFoundError(f"{order} is missing: run scripts/fetch-payloads")
+    return [d / name for name in order.read_text().split()]
+
+
+def hostroot_args(tag: str = HOSTROOT_TAG) -> list[str]:
+    """QEMU arguments sharing this machine's ``/`` read-only with the guest (virtio 9p over
+    PCI), mounted in the guest with ``mount -t 9p -o trans=virtio TAG DIR``. ``multidevs=remap``:
+    / spans several host file systems, whose inode numbers could otherwise collide."""
+    return ["-virtfs", f"local,path=/,mount_tag={tag},security_model=none,readonly=on,"
+                       "multidevs=remap"]
+
+
+def vmrun_load_init(modules: list[str], vmrun: list[str], staged: Path | str, *,
+                    env: dict[str, str] | None = None, execute: bool = True) -> str:
+    """A /init that loads ``modules`` (file names under /modules, in order), mounts the host's
+    root (:func:`hostroot_args`) read-only at /host with the guest's /proc, /sys and /dev
+    bound into it, then runs, chrooted there, ``VMRUN load STAGED`` (``vmrun``: the command
+    as argv, host paths; ``env``: variables for it) and, when that worked and ``execute``,
+    ``VMRUN exec``. Markers: ``VMRUN-LOAD-BEGIN Ts`` and ``VMRUN-LOAD-END Ts kexec_loaded=0|1``
+    (guest uptime; what /sys/kernel/kexec_loaded says after ``load``) around the output of
+    ``load``, :data:`VMRUN_LOAD_OK`, ``VMRUN-LOAD-FAILED rc=N``,
+    :data:`VMRUN_EXEC`, ``VMRUN-EXEC-FAILED rc=N``, :data:`GUEST_SETUP_FAILED`; vmrun's own
+    output goes to the console between them. The guest powers off unless the kexec happens."""
+    import shlex
+    q = shlex.quote
+    root = GUEST_HOSTROOT
+    setenv = " ".join(f"{k}={q(v)}" for k, v in (env or {}).items())
+    prefix = f"{setenv + ' ' if setenv else ''}chroot {root} {' '.join(map(q, vmrun))}"
+    fail = f'echo {GUEST_SETUP_FAILED}; poweroff -f'
+    lines = [INIT_PREAMBLE.rstrip("\n")]
+    for m in modules:
+        lines.append(f"insmod /modules/{q(m)} || {{ echo \"insmod {m} failed\"; {fail}; }}")
+    lines += [
+        f"mkdir -p {root}",
+        f"mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose {HOSTROOT_TAG} {root} "
+        f"|| {{ echo 'mounting the 9p share failed'; {fail}; }}",
+        *(f"mount -o bind /{d} {root}/{d} || {{ {fail}; }}" for d in ("proc", "sys", "dev")),
+        'echo "VMRUN-LOAD-BEGIN $(cut -d" " -f1 /proc/uptime)s"',
+        f"{prefix} load {q(str(staged))} 2>&1",
+        "rc=$?",
+        'echo "VMRUN-LOAD-END $(cut -d" " -f1 /proc/uptime)s kexec_loaded=$(cat /sys/kernel/kexec_loaded)"',
+        f'if [ $rc -ne 0 ]; then echo "{VMRUN_LOAD_FAILED} rc=$rc"; sync; poweroff -f; fi',
+        f"echo {VMRUN_LOAD_OK}",
+    ]
+    if execute:
+        lines += [
+            f"echo {VMRUN_EXEC}",
+            f"{prefix} exec 2>&1",
+            f'echo "{VMRUN_EXEC_FAILED} rc=$?"',
+        ]
+    lines += ["sync", "poweroff -f", ""]
+    return "\n".join(lines)
+
+
+def vmrun_load_boot(kernel: Path, staged_elf: Path, vmrun: list[str], *,
+                    memory_mb: int = 1536, timeout: float = 180, until: str | None = None,
+                    fail: str | None = VMRUN_LOAD_FAIL_PATTERN, append: str = DEFAULT_APPEND,
+                    env: dict[str, str] | None = None, execute: bool = True,
+                    extra_args=()) -> QemuResult:
+    """Boot ``kernel`` with this machine's root shared read-only (:func:`hostroot_args`); its
+    /init (:func:`vmrun_load_init`) runs vmrun's own ``load STAGED`` and ``exec`` inside the
+    guest, from the host's files: ``vmrun`` is the command as argv and ``staged_elf`` a path
+    on this machine (both seen at the same paths through the share). Stops at QEMU's exit
+    (the guest powers off: after a failed load, or the kexec'd payload's own poweroff), at
+    ``until``, at ``fail`` or at ``timeout``; the serial text covers both kernels."""
+    modules = ninep_modules(kernel)
+    files = {f"modules/{m.name}": m for m in modules}
+    init = vmrun_load_init([m.name for m in modules], vmrun, Path(staged_elf).resolve(),
+                           env=env, execute=execute)
+    with tempfile.TemporaryDirectory(dir=work_dir()) as t:
+        img = build_initramfs(Path(t, "vmrun-load.cpio"), files, init, with_kexec=False)
+        return boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
+                    until=until, fail=fail, extra_args=[*hostroot_args(), *extra_args])

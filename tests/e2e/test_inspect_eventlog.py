@@ -18,8 +18,8 @@ VMRUN = [sys.executable, "-m", "vmrun.cli", "-q"]
 
 def test_inspect_uki(tmp_path, payload_cache, bookworm_kernel, test_initrd):
     uki = build_uki(payload_cache / "stubs" / "257" / "linuxx64.efi.stub", tmp_path / "uki.efi",
-                    linux=bookworm_kernel, initrd=test_initrd.read_bytes(), cmdline="console=ttyS0 inspect-me",
-                    uname="6.1.0-test")
+                    linux=bookworm_kernel, initrd=test_initrd, cmdline="console=ttyS0 inspect-me",
+                    extra_sections={".uname": b"6.1.0-test"})
     p = subprocess.run([*VMRUN, "inspect", str(uki), "--json"], capture_output=True, text=True, check=True)
     d = json.loads(p.stdout)
     assert d["kind"] == "uki" and d["machine"] == "x86_64" and d["signed"] is False

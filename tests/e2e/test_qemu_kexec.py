@@ -164,7 +164,7 @@ def test_vmrun_staged_uki_boots_after_kexec(stub, bookworm_kernel, payload_cache
     esp = tmp_path / "esp"
     (esp / "EFI" / "Linux").mkdir(parents=True)
     uki = build_uki(payload_cache / "stubs" / stub / "linuxx64.efi.stub", esp / "EFI" / "Linux" / "uki.efi",
-                    linux=bookworm_kernel, initrd=test_initrd.read_bytes(), cmdline=cmdline)
+                    linux=bookworm_kernel, initrd=test_initrd, cmdline=cmdline)
     staged = tmp_path / "staged.elf"
     st = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "stage", str(uki), "--esp", str(esp),
                          "-o", str(staged), "--memmap", str(memmap), "--acpi-rsdp", hex(rsdp)],

@@ -23,7 +23,7 @@ def esp(request, tmp_path, payload_cache, bookworm_kernel, test_initrd):
     stub = payload_cache / "stubs" / request.param / "linuxx64.efi.stub"
     d = tmp_path / "esp"
     (d / "EFI" / "Linux").mkdir(parents=True)
-    uki = build_uki(stub, d / "EFI" / "Linux" / "uki.efi", linux=bookworm_kernel, initrd=test_initrd.read_bytes(),
+    uki = build_uki(stub, d / "EFI" / "Linux" / "uki.efi", linux=bookworm_kernel, initrd=test_initrd,
                     cmdline=CMDLINE)
     return request.param, d, uki, test_initrd.read_bytes()
 
@@ -90,7 +90,7 @@ def test_257_addon_extends_the_cmdline_and_credentials_reach_the_initrd(tmp_path
     addon_stub = payload_cache / "stubs" / "257" / "addonx64.efi.stub"
     d = tmp_path / "esp"
     (d / "EFI" / "Linux").mkdir(parents=True)
-    uki = build_uki(stub, d / "EFI" / "Linux" / "uki.efi", linux=bookworm_kernel, initrd=test_initrd.read_bytes(),
+    uki = build_uki(stub, d / "EFI" / "Linux" / "uki.efi", linux=bookworm_kernel, initrd=test_initrd,
                     cmdline=CMDLINE)
     extra = d / "EFI" / "Linux" / "uki.efi.extra.d"
     extra.mkdir()
