@@ -30,6 +30,7 @@ from hostsvc import tpm as T
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.protocols.devicepath_text import DevicePathText
 from hostsvc.protocols.rng import Rng
+from hostsvc.variables import BOOTSERVICE_ACCESS, GLOBAL_VARIABLE, RUNTIME_ACCESS
 from hostsvc.runtime_services import RUNTIME_SERVICES_ORDER, ResetSystemCalled, RuntimeServices
 from vmrun import layout as L
 from vmrun import linux
@@ -258,6 +259,10 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
     try:
         fw = Firmware(machine, target, FirmwareOptions(cmdline=options.cmdline, initrd=initrd,
                                                        trace=options.trace, memory_cap=options.memory_cap))
+        # what firmware without enrolled Secure Boot keys publishes (UEFI 2.10 §3.3); the seeds
+        # below override them, and PCR 7's Secure Boot policy events measure them
+        fw.variables.seed("SecureBoot", GLOBAL_VARIABLE, b"\x00", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
+        fw.variables.seed("SetupMode", GLOBAL_VARIABLE, b"\x01", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
         for name, guid, value, *attrs in options.variables:
             fw.variables.seed(name, guid, value, *attrs)
         bs, rt = _install_tables(fw)

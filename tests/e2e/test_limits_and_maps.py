@@ -72,7 +72,9 @@ def test_memmap_in_the_flash_window_is_refused(tmp_path, bookworm_kernel):
 def test_seeded_secure_boot_variable_reaches_the_stub(tmp_path, bookworm_kernel):
     """--vars seeds the store; the Linux stub reads SecureBoot and says so on the console."""
     f = tmp_path / "vars.json"
-    f.write_text(json.dumps([{"name": "SecureBoot", "data": "01", "attributes": 6}]))
+    # Secure Boot on means SecureBoot=1 and SetupMode=0 (vmrun's defaults are 0 and 1: no keys)
+    f.write_text(json.dumps([{"name": "SecureBoot", "data": "01", "attributes": 6},
+                             {"name": "SetupMode", "data": "00", "attributes": 6}]))
     p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(bookworm_kernel), "--vars", str(f),
                         "--json"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
