@@ -120,3 +120,30 @@ def test_exit_boot_services_contract_under_ovmf(apps):
     assert finished, text[-2000:]
     for check in ("ok ebs-stale-key", "ok ebs-no-notify-on-stale-key", "ok ebs-success", "ok ebs-notify-ran-once"):
         assert check in text, text[-2000:]
+
+
+def _images_esp(apps, tmp_path):
+    import shutil
+    esp = tmp_path / "esp"
+    (esp / "EFI" / "BOOT").mkdir(parents=True)
+    shutil.copy(apps / "images.efi", esp / "EFI" / "BOOT" / "BOOTX64.EFI")
+    return esp
+
+
+def test_image_services(apps, tmp_path):
+    """LoadImage from a device path on the ESP, StartImage, Exit with ExitData, UnloadImage."""
+    esp = _images_esp(apps, tmp_path)
+    r = run_payload(esp / "EFI" / "BOOT" / "BOOTX64.EFI", RunOptions(esp=esp, timeout=30))
+    console = r.console.replace("\r", "")
+    assert not [ln for ln in console.splitlines() if ln.startswith("FAIL")], console
+    assert DONE.findall(console)[-1] == ("20", "0"), console
+    assert r.services["LoadImage"] == 3 and r.services["StartImage"] == 2 and r.services["Exit"] == 1
+
+
+@pytest.mark.slow
+def test_image_services_under_ovmf(apps):
+    sys.path.insert(0, str(apps.parent))
+    import run_ovmf
+    text, finished = run_ovmf.run_app(apps / "images.efi", timeout=240)
+    assert finished, text[-2000:]
+    assert DONE.findall(text)[-1] == ("20", "0"), text[-2000:]

@@ -42,6 +42,7 @@ APPS = [
     "ebs",
     "fs",
     "stray",
+    "images",
     "chain",        # helper for run_ovmf.py --cmdline, not a test
 ]
 
