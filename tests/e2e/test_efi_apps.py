@@ -137,7 +137,8 @@ def test_image_services(apps, tmp_path):
     console = r.console.replace("\r", "")
     assert not [ln for ln in console.splitlines() if ln.startswith("FAIL")], console
     assert DONE.findall(console)[-1] == ("20", "0"), console
-    assert r.services["LoadImage"] == 3 and r.services["StartImage"] == 2 and r.services["Exit"] == 1
+    # two good loads, the garbage buffer and the bad parent; the child start and a bad handle
+    assert r.services["LoadImage"] == 4 and r.services["StartImage"] == 2 and r.services["Exit"] == 1
 
 
 @pytest.mark.slow
