@@ -126,7 +126,7 @@ def _e820_kind(label: str) -> RangeKind | None:
 
 
 # --- line formats ------------------------------------------------------------------------------
-_RE_SYSFS = re.compile(rf"^\s*(0[xX][0-9a-fA-F]+)\s+(0[xX][0-9a-fA-F]+)\s+(\S.*?)\s*$")
+_RE_SYSFS = re.compile(r"^\s*(0[xX][0-9a-fA-F]+)\s+(0[xX][0-9a-fA-F]+)\s+(\S.*?)\s*$")
 _RE_IOMEM = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*?)\s*$")
 _RE_E820 = re.compile(
     r"BIOS-e820:\s*\[mem\s+(0[xX][0-9a-fA-F]+)-(0[xX][0-9a-fA-F]+)\]\s+(\S.*?)\s*$")

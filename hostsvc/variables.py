@@ -185,7 +185,7 @@ def host_variables(root="/sys/firmware/efi/efivars") -> list[tuple[str, uuid.UUI
                              "or efivarfs is not mounted)")
     out = []
     for f in sorted(d.iterdir()):
-        name, _, guid_text = f.name.rpartition("-")[0], None, f.name[-36:]
+        guid_text = f.name[-36:]
         try:
             guid = uuid.UUID(guid_text)
             raw = f.read_bytes()

@@ -16,7 +16,6 @@ and the inner loop returns when that call's ``ret_thunk`` fires.
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Callable, Protocol
 import structlog
 
 from vmrun import cpu, layout as L
-from vmrun.errors import KvmError, PayloadFault, RunTimeout, VmrunError
+from vmrun.errors import KvmError, PayloadFault, RunTimeout
 from vmrun.kvm import abi, exits
 from vmrun.kvm.vm import Kvm, Vcpu, Vm
 from vmrun.memory import GuestMemory
@@ -251,7 +250,7 @@ class Machine:
         return locate(rip) if locate else ""
 
     def _loop(self) -> int:
-        vcpu, mem = self.vcpu, self.mem
+        vcpu = self.vcpu
         hcall_svc, hcall_ret = L.HCALL_SVC, L.HCALL_RET
         while True:
             ex = vcpu.run()

@@ -7,7 +7,7 @@ import struct
 
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc.dispatch import BOOL, OPTPTR, PTR, U32, UINTN, efiapi
+from hostsvc.dispatch import BOOL, PTR, UINTN, efiapi
 from hostsvc.events import EVT_NOTIFY_WAIT, TPL_NOTIFY
 from hostsvc.status import EfiError
 

@@ -778,4 +778,4 @@ def _os_error(e: OSError, path: str) -> EfiError:
 
 __all__ = ["EspVolume", "esp_hook", "resolve", "classify", "lookup", "open_beneath", "Refused", "Resolved",
            "encode_file_info", "file_info_from_stat", "encode_fs_info", "efi_time", "parse_efi_time",
-           "default_partuuid", "normalize_esp_path", "PureWindowsPath"]
+           "default_partuuid", "normalize_esp_path"]

@@ -38,7 +38,6 @@ import signal
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 import zlib
@@ -46,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e import qemu as Q
-from vmrun import pe as PE
 
 from tests.e2e.uki import DEBIAN_OSREL, SECTION_ORDER, build_uki, check_uki  # noqa: F401 (re-exported)
 
@@ -390,7 +388,6 @@ def boot_uki(uki: Path, *, esp_extra: dict[str, bytes] | None = None, timeout: f
     swtpm = qemu_proc = None
     chunks: list[bytes] = []
     err_chunks: list[bytes] = []
-    cond = threading.Condition()
     until = re.compile(re.escape(END_MARKER))
     fail = re.compile(FAIL_PATTERN)
     complete = failed = timed_out = False
@@ -401,22 +398,8 @@ def boot_uki(uki: Path, *, esp_extra: dict[str, bytes] | None = None, timeout: f
         swtpm, ctrl, swtpm_log = _start_swtpm(work)
         cmd = qemu_command(disk, ctrl, memory_mb=memory_mb, extra_args=extra_args)
         start = time.monotonic()
-        qemu_proc = subprocess.Popen(["timeout", "-s", "KILL", str(int(timeout) + 30), *cmd],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, preexec_fn=Q._die_with_parent)
-
-        def pump(stream, sink) -> None:
-            for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-                with cond:
-                    sink.append(chunk)
-                    cond.notify_all()
-            with cond:
-                cond.notify_all()
-
-        readers = [threading.Thread(target=pump, args=(qemu_proc.stdout, chunks), daemon=True),
-                   threading.Thread(target=pump, args=(qemu_proc.stderr, err_chunks), daemon=True)]
-        for r in readers:
-            r.start()
+        qemu_proc, chunks, err_chunks, cond, readers = Q.spawn_captured(
+            ["timeout", "-s", "KILL", str(int(timeout) + 30), *cmd])
         searched = 0
         with cond:
             while True:

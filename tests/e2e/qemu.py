@@ -385,6 +385,33 @@ def _hmp(path: str, command: str, timeout: float = 10) -> str:
         return until_prompt().decode(errors="replace")
 
 
+
+def spawn_captured(cmd: list[str]):
+    """Start ``cmd`` with its stdout and stderr collected by two reader threads.
+
+    Returns (process, stdout chunks, stderr chunks, condition, readers): the condition is
+    notified whenever a chunk arrives and when a stream ends, so callers can wait for output.
+    The process dies with this one (PDEATHSIG)."""
+    chunks: list[bytes] = []
+    err_chunks: list[bytes] = []
+    cond = threading.Condition()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_die_with_parent)
+
+    def pump(stream, sink) -> None:
+        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+            with cond:
+                sink.append(chunk)
+                cond.notify_all()
+        with cond:
+            cond.notify_all()
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, chunks), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err_chunks), daemon=True)]
+    for r in readers:
+        r.start()
+    return proc, chunks, err_chunks, cond, readers
+
 def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = DEFAULT_APPEND,
          timeout: float = 120, until: str | None = None, fail: str | None = None,
          extra_args=(), debug_log: bool = False, debug_from: str | None = None) -> QemuResult:
@@ -421,26 +448,8 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
     fail_re = re.compile(fail) if fail else None
     debug_re = re.compile(debug_from) if monitor_path else None
 
-    chunks: list[bytes] = []
-    err_chunks: list[bytes] = []
-    cond = threading.Condition()
-
     start = time.monotonic()
-    proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-
-    def pump(stream, sink) -> None:
-        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-            with cond:
-                sink.append(chunk)
-                cond.notify_all()
-        with cond:
-            cond.notify_all()
-
-    readers = [threading.Thread(target=pump, args=(proc.stdout, chunks), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err_chunks), daemon=True)]
-    for r in readers:
-        r.start()
+    proc, chunks, err_chunks, cond, readers = spawn_captured(full)
 
     matched = failed = timed_out = False
     searched_upto = 0

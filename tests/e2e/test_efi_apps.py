@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from vmrun.runner import RunOptions, continue_after_ebs, run_payload
-from tests.e2e.efiapps import APPS_DIR, build_apps
+from tests.e2e.efiapps import build_apps
 
 pytestmark = [pytest.mark.kvm, pytest.mark.efiapps]
 

@@ -8,8 +8,6 @@ import importlib.util
 import os
 import re
 import shutil
-import struct
-import subprocess
 
 import pytest
 import structlog
@@ -19,6 +17,7 @@ from hostsvc import guids as G
 from hostsvc.protocols.filesystem import EspVolume, default_partuuid, esp_hook
 from tests.e2e.efiapps import APPS_DIR, ROOT
 from vmrun.runner import RunOptions, run_payload
+from tests.e2e.uki import build_uki
 
 pytestmark = [pytest.mark.kvm, pytest.mark.efiapps]
 
@@ -142,27 +141,6 @@ def test_without_volume_the_app_fails(esp):
 # the point of it all: a systemd-stub UKI on the ESP finds its sidecars
 # --------------------------------------------------------------------------------------------
 
-def _make_uki(stub, kernel, out, cmdline="console=ttyS0"):
-    """stub + .osrel/.cmdline/.linux sections, each page-aligned after the stub's image (the
-    usual objcopy recipe; x86_64-w64-mingw32-objcopy comes with the EFI-app toolchain)."""
-    import struct
-    import subprocess
-    raw = stub.read_bytes()
-    pe = struct.unpack_from("<I", raw, 0x3C)[0]
-    nsec, optsz = struct.unpack_from("<H", raw, pe + 6)[0], struct.unpack_from("<H", raw, pe + 20)[0]
-    opt = pe + 24
-    base, align = struct.unpack_from("<Q", raw, opt + 24)[0], struct.unpack_from("<I", raw, opt + 32)[0]
-    end = max(sum(struct.unpack_from("<II", raw, opt + optsz + 40 * i + 8)) for i in range(nsec))
-    osrel, cmd = out.with_suffix(".osrel"), out.with_suffix(".cmdline")
-    osrel.write_text("ID=debian\nVERSION_ID=13\n")
-    cmd.write_text(cmdline)
-    args, vma = [], -(-end // align) * align
-    for name, path in ((".osrel", osrel), (".cmdline", cmd), (".linux", kernel)):
-        args += ["--add-section", f"{name}={path}", "--change-section-vma", f"{name}={base + vma:#x}"]
-        vma += -(-path.stat().st_size // align) * align
-    subprocess.run(["x86_64-w64-mingw32-objcopy", *args, str(stub), str(out)], check=True)
-
-
 @pytest.mark.payloads
 def test_systemd_stub_reads_its_sidecars(tmp_path, stub_257, trixie_kernel):
     root = tmp_path / "esp"
@@ -175,7 +153,8 @@ def test_systemd_stub_reads_its_sidecars(tmp_path, stub_257, trixie_kernel):
     (tmp_path / "outside.cred").write_bytes(SECRET)
     os.symlink(tmp_path / "outside.cred", extra / "z.cred")          # a sidecar escaping the ESP
     uki = root / "EFI" / "Linux" / "uki.efi"
-    _make_uki(stub_257, trixie_kernel, uki)
+    build_uki(stub_257, uki, linux=trixie_kernel, initrd=None, cmdline="console=ttyS0",
+              osrel="ID=debian\nVERSION_ID=13\n")
     vol = EspVolume(None, root)
     r, logs = _run(uki, [vol.hook(uki)])
     assert r.outcome == "exit_boot_services", (r.error, r.console)

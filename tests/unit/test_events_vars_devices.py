@@ -73,7 +73,7 @@ def test_timer_relative_fires_once(ev):
 def test_group_signal_signals_every_member(ev):
     grp = uuid.uuid4()
     a = ev.create(EV.EVT_NOTIFY_SIGNAL, EV.TPL_CALLBACK, 0xA, 0, grp)
-    b = ev.create(EV.EVT_NOTIFY_SIGNAL, EV.TPL_NOTIFY, 0xB, 0, grp)
+    ev.create(EV.EVT_NOTIFY_SIGNAL, EV.TPL_NOTIFY, 0xB, 0, grp)
     ev.signal(a)
     assert [c[0] for c in ev.calls] == [0xB, 0xA]  # higher TPL first
 

@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 import uuid
-from pathlib import Path
+
 from types import SimpleNamespace
 
 import pytest

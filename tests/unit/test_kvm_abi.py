@@ -82,7 +82,6 @@ def test_kvm_run_exit_union_offsets(header_values):
     for k, path in RUN_UNION.items():
         parts = path.split(".")
         off = abi.kvm_run.exit.offset
-        t = abi.kvm_run.exit.__class__
         ctype = abi._kvm_run_exit
         for p in parts[1:]:
             field = getattr(ctype, p)

@@ -25,7 +25,6 @@ from vmrun.errors import (  # noqa: E402
     MalformedImageError,
     NotPEError,
     UnsupportedSubsystemError,
-    VmrunError,
     WrongArchitectureError,
 )
 
