@@ -81,6 +81,12 @@ def test_metadata_note(staged):
     assert meta["cmdline"] == "console=ttyS0 stage-test"
     assert meta["payload"]["sha256"] == r.payload["sha256"]
     assert meta["memmap"]["digest"] == r.memory["target_digest"]
+    # the TCG event log travels with the handoff, and its replay gives the recorded PCRs
+    from hostsvc import tpm as T
+    log = h.notes[elf.NOTE_EVENT_LOG]
+    assert log == r.event_log and meta["pcrs"] == r.pcrs
+    replayed = T.replay(T.parse(log), ("sha256",))["sha256"]
+    assert {str(i): v.hex() for i, v in replayed.items()} == meta["pcrs"]["sha256"]
 
 
 def test_load_refuses_a_handoff_for_another_memory_map(tmp_path, bookworm_kernel):

@@ -173,7 +173,12 @@ def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata:
         "segments": [{"paddr": hex(sg.paddr), "filesz": len(sg.data), "memsz": sg.memsz} for sg in segments],
         **(extra_metadata or {}),
     }
+    if result.pcrs is not None:
+        meta["pcrs"] = result.pcrs
+        meta["event_log_sha256"] = hashlib.sha256(result.event_log).hexdigest()
     notes = [(elf.NOTE_METADATA, json.dumps(meta, sort_keys=True).encode())]
+    if result.event_log is not None:
+        notes.append((elf.NOTE_EVENT_LOG, result.event_log))
     size = elf.write_elf(out_path, entry, segments, notes)
     log.info("stage.written", path=str(out_path), segments=len(segments), bytes=size, entry=hex(entry))
     return StageReport(str(out_path), entry, size, meta["segments"], stray, meta, purg)
