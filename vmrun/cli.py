@@ -294,10 +294,12 @@ def _print_summary(result, trace: bool) -> None:
             echo(f"pcrs:     {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in used.items()))
     lx = result.linux
     if lx:
-        echo(f"linux:    boot_params at {lx['boot_params']:#x} (boot protocol {lx['protocol']}), "
-             f"cmdline {lx['cmdline']!r}")
-        echo(f"          initrd {lx['ramdisk_size']} bytes at {lx['ramdisk_image']:#x}; "
-             f"{len(lx['e820'])} e820 entries; EFI system table {'ok' if lx['efi_systab_matches'] else 'MISMATCH'}")
+        proto = f" (boot protocol {lx['protocol']})" if lx["protocol"] != "0.00" else ""
+        echo(f"linux:    boot_params at {lx['boot_params']:#x}{proto}, cmdline {lx['cmdline']!r}")
+        e820 = f"{len(lx['e820'])} e820 entries" if lx["e820"] else "e820 built by the stub after ExitBootServices"
+        echo(f"          initrd {lx['ramdisk_size']} bytes at {lx['ramdisk_image']:#x}; {e820}; "
+             f"EFI system table {'ok' if lx['efi_systab_matches'] else 'MISMATCH'}, "
+             f"memory map {lx['efi_memmap_size']} bytes at {lx['efi_memmap']:#x}")
     if result.console.strip():
         echo("console:")
         for line in result.console.replace("\r", "").rstrip("\n").split("\n"):
