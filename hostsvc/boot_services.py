@@ -6,7 +6,6 @@ here gets an explicit EFI_UNSUPPORTED stub from the dispatcher.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 import uuid
@@ -18,7 +17,7 @@ from hostsvc import guids as G
 from hostsvc import images as IMG
 from hostsvc import status as S
 from hostsvc.dispatch import (BOOL, EVENT, GUIDPTR, HANDLE, OPTGUIDPTR, OPTPTR, PTR, TPL, U32, U64,
-                              UINTN, efiapi)
+                              UINTN, efiapi, size_in_out)
 from hostsvc.events import TPL_APPLICATION
 from hostsvc.handles import AlreadyStartedError
 from hostsvc.protocols import tcg2 as TCG2
@@ -144,14 +143,11 @@ class BootServices:
             ("descriptor_size", OPTPTR), ("descriptor_version", OPTPTR))
     def get_memory_map(self, memory_map_size, memory_map, map_key, descriptor_size, descriptor_version):
         raw = self.fw.alloc.encode_map()
-        have = self.mem.read_u64(memory_map_size)
-        self.mem.write_u64(memory_map_size, len(raw))
         if descriptor_size:
             self.mem.write_u64(descriptor_size, DESCRIPTOR_SIZE)
         if descriptor_version:
             self.mem.write_u32(descriptor_version, DESCRIPTOR_VERSION)
-        if have < len(raw):
-            raise EfiError(S.BUFFER_TOO_SMALL, f"map needs {len(raw)} bytes, got {have}")
+        size_in_out(self.mem, memory_map_size, len(raw), "the memory map")
         if not memory_map:
             raise EfiError(S.INVALID_PARAMETER, "MemoryMap is NULL")
         if not map_key:
@@ -200,11 +196,7 @@ class BootServices:
     def locate_handle(self, search_type, protocol, search_key, buffer_size, buffer):
         # a size probe must not consume the next ByRegisterNotify handle
         found = self.fw.handles.locate_handle(search_type, protocol, search_key, consume=False)
-        need = 8 * len(found)
-        have = self.mem.read_u64(buffer_size)
-        self.mem.write_u64(buffer_size, need)
-        if have < need:
-            raise EfiError(S.BUFFER_TOO_SMALL, f"{len(found)} handles")
+        size_in_out(self.mem, buffer_size, 8 * len(found), f"{len(found)} handles")
         if not buffer:
             raise EfiError(S.INVALID_PARAMETER, "Buffer is NULL")
         found = self.fw.handles.locate_handle(search_type, protocol, search_key)
@@ -449,6 +441,3 @@ class BootServices:
             raise EfiError(S.INVALID_PARAMETER, "DataSize is 0")
         self.mem.write_u32(crc32, zlib.crc32(self.mem.read(data, data_size)))
 
-
-def random_bytes(n: int) -> bytes:
-    return os.urandom(n)

@@ -65,6 +65,15 @@ class Call:
         return self.mem.read_u64(self.regs.rsp + 0x28 + 8 * (index - 4))
 
 
+def size_in_out(mem, size_ptr: int, need: int, what: str) -> None:
+    """The UEFI IN OUT size convention: ``*size_ptr`` becomes the size needed, and the call fails
+    with EFI_BUFFER_TOO_SMALL when the caller's buffer (the value it passed in) was smaller."""
+    have = mem.read_u64(size_ptr)
+    mem.write_u64(size_ptr, need)
+    if have < need:
+        raise EfiError(S.BUFFER_TOO_SMALL, f"{what} needs {need} bytes, got {have}")
+
+
 def efiapi(name: str, *params: tuple[str, str], variadic: bool = False):
     """Declare a service: ``@efiapi("AllocatePages", ("type", U32), …)``."""
 

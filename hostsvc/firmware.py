@@ -55,7 +55,6 @@ def write_crc(mem, addr: int) -> None:
 @dataclass
 class FirmwareOptions:
     cmdline: str = ""
-    initrd: bytes | None = None
     trace: bool = False
     memory_cap: int = L.DEFAULT_MEMORY_CAP
 

@@ -106,11 +106,9 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
     full_path = device_nodes + nodes
     image_dp = fw.device_path(full_path)
     fw.handles.install(handle, G.LOADED_IMAGE_DEVICE_PATH, image_dp)
-    unload = fw.machine.fw.thunk(fw.unload_thunk_id) if getattr(fw, "unload_thunk_id", None) is not None else 0
     fw.mem.write(li, struct.pack("<I4xQQQQQI4xQQQIIQ", LOADED_IMAGE_REVISION, parent, fw.system_table,
                                  device_handle, file_path, 0, options_size, options_ptr, base,
                                  pages * L.PAGE_SIZE, code_type, data_type, 0))
-    del unload
     img = Image(handle, name, pe, base, pages * L.PAGE_SIZE, pages, base + pe.entry_rva, li)
     fw.images[handle] = img
     TCG2.measure_image(fw, source_address or base, len(pe.data), pe.data, DP.encode(full_path),

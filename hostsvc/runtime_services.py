@@ -12,7 +12,7 @@ import struct
 
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U32, UINTN, efiapi
+from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U32, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
 RUNTIME_SERVICES_ORDER = [
@@ -52,10 +52,7 @@ class RuntimeServices:
     def get_variable(self, variable_name, vendor_guid, attributes, data_size, data):
         name = self.mem.read_utf16z(variable_name, MAX_NAME_CHARS)
         var = self.fw.variables.get(name, vendor_guid)
-        have = self.mem.read_u64(data_size)
-        self.mem.write_u64(data_size, len(var.data))
-        if have < len(var.data):
-            raise EfiError(S.BUFFER_TOO_SMALL, f"{name} has {len(var.data)} bytes")
+        size_in_out(self.mem, data_size, len(var.data), name)
         if not data:
             raise EfiError(S.INVALID_PARAMETER, "Data is NULL")
         self.mem.write(data, var.data)
@@ -70,9 +67,7 @@ class RuntimeServices:
         guid = G.guid_from_bytes(self.mem.read(vendor_guid, 16))
         var = self.fw.variables.next_name(current, guid)
         raw = (var.name + "\0").encode("utf-16-le")
-        self.mem.write_u64(variable_name_size, len(raw))
-        if size < len(raw):
-            raise EfiError(S.BUFFER_TOO_SMALL, f"next name needs {len(raw)} bytes")
+        size_in_out(self.mem, variable_name_size, len(raw), "the next name")
         self.mem.write(variable_name, raw)
         self.mem.write(vendor_guid, G.guid_to_bytes(var.guid))
 

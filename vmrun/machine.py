@@ -19,7 +19,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import structlog
@@ -61,11 +61,6 @@ class Frame:
             mem.write_u64(self.addr + off, val)
 
 
-class _GuestReturn(Exception):
-    def __init__(self, rax: int):
-        self.rax = rax
-
-
 @dataclass
 class FirmwareArea:
     base: int
@@ -93,7 +88,6 @@ class Stats:
     exits: int = 0
     hypercalls: int = 0
     exceptions: int = 0
-    emulated: dict[str, int] = field(default_factory=dict)
 
 
 class Machine:

@@ -95,7 +95,6 @@ class RunResult:
     serial: str
     exit_status: int | None = None
     error: dict | None = None
-    error_obj: VmrunError | None = None
     image: dict | None = None
     emulated: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -254,11 +253,10 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
     fw = None
     serial_lines: list[str] = []
     outcome, error, exit_status, frozen = "", None, None, None
-    error_obj = None
     emulator = None
     try:
-        fw = Firmware(machine, target, FirmwareOptions(cmdline=options.cmdline, initrd=initrd,
-                                                       trace=options.trace, memory_cap=options.memory_cap))
+        fw = Firmware(machine, target, FirmwareOptions(cmdline=options.cmdline, trace=options.trace,
+                                                       memory_cap=options.memory_cap))
         # what firmware without enrolled Secure Boot keys publishes (UEFI 2.10 §3.3); the seeds
         # below override them, and PCR 7's Secure Boot policy events measure them
         fw.variables.seed("SecureBoot", GLOBAL_VARIABLE, b"\x00", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
@@ -322,15 +320,9 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             outcome = "reset"
             error = {"kind": "reset", "message": f"payload called ResetSystem(type {e.reset_type}, "
                                                  f"{S.name(e.status)})"}
-        except PayloadFault as e:
-            outcome, error = "fault", {"kind": e.kind, "message": str(e), **_jsonable(e.details)}
-            error_obj = e
-        except RunTimeout as e:
-            outcome, error = "timeout", {"kind": e.kind, "message": str(e), **_jsonable(e.details)}
-            error_obj = e
-        except MemoryCapExceeded as e:
-            outcome, error = "memory_cap", {"kind": e.kind, "message": str(e)}
-            error_obj = e
+        except (PayloadFault, RunTimeout, MemoryCapExceeded) as e:
+            # each error's kind is its outcome: fault, timeout, memory_cap
+            outcome, error = e.kind, {"kind": e.kind, "message": str(e), **_jsonable(e.details)}
         finally:
             machine.stop_watchdog()
             uart.flush()
@@ -352,8 +344,6 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
                            for g, t in fw.config.entries],
             trace=[vars(t) for t in fw.table.trace] if options.trace else None,
             frozen=frozen, machine=machine, firmware=fw)
-        if outcome in ("fault", "timeout", "memory_cap"):
-            result.error_obj = error_obj
         result.uart = uart
         if fw.tcg2 is not None:
             result.pcrs = {bank: {str(i): v.hex() for i, v in enumerate(vals)}

@@ -38,7 +38,7 @@ import structlog
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U64, UINTN, efiapi
+from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U64, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
 log = structlog.get_logger("hostsvc.filesystem")
@@ -502,10 +502,7 @@ class EspVolume:
         return file_info_from_stat(name, st, read_only=not self.writable)
 
     def _put(self, buffer_size: int, buffer: int, data: bytes, what: str) -> None:
-        have = self.mem.read_u64(buffer_size)
-        self.mem.write_u64(buffer_size, len(data))
-        if have < len(data):
-            raise EfiError(S.BUFFER_TOO_SMALL, f"{what} needs {len(data)} bytes")
+        size_in_out(self.mem, buffer_size, len(data), what)
         if not buffer:
             raise EfiError(S.INVALID_PARAMETER, "Buffer is NULL")
         self.mem.write(buffer, data)

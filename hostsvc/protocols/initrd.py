@@ -6,7 +6,7 @@ from __future__ import annotations
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc.dispatch import BOOL, OPTPTR, PTR, efiapi
+from hostsvc.dispatch import BOOL, OPTPTR, PTR, efiapi, size_in_out
 from hostsvc.status import EfiError
 
 LOAD_FILE2_ORDER = ["LoadFile"]
@@ -28,10 +28,8 @@ class InitrdLoadFile2:
     def load_file(self, this, file_path, boot_policy, buffer_size, buffer):
         if boot_policy:
             raise EfiError(S.UNSUPPORTED, "BootPolicy must be FALSE for LoadFile2")
-        need = len(self.data)
-        have = self.mem.read_u64(buffer_size)
-        if not buffer or have < need:
-            self.mem.write_u64(buffer_size, need)
-            raise EfiError(S.BUFFER_TOO_SMALL, f"initrd is {need} bytes")
+        if not buffer:  # a NULL Buffer is a size query (§13.2), whatever *BufferSize says
+            self.mem.write_u64(buffer_size, len(self.data))
+            raise EfiError(S.BUFFER_TOO_SMALL, f"initrd is {len(self.data)} bytes")
+        size_in_out(self.mem, buffer_size, len(self.data), "the initrd")
         self.mem.write(buffer, self.data)
-        self.mem.write_u64(buffer_size, need)

@@ -6,7 +6,7 @@ import os
 
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc.dispatch import OPTGUIDPTR, OPTPTR, PTR, UINTN, efiapi
+from hostsvc.dispatch import OPTGUIDPTR, OPTPTR, PTR, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
 RNG_ORDER = ["GetInfo", "GetRNG"]
@@ -24,11 +24,7 @@ class Rng:
 
     @efiapi("GetInfo", ("this", PTR), ("rng_algorithm_list_size", PTR), ("rng_algorithm_list", OPTPTR))
     def get_info(self, this, rng_algorithm_list_size, rng_algorithm_list):
-        need = 16 * len(ALGORITHMS)
-        have = self.mem.read_u64(rng_algorithm_list_size)
-        self.mem.write_u64(rng_algorithm_list_size, need)
-        if have < need:
-            raise EfiError(S.BUFFER_TOO_SMALL, f"{need} bytes")
+        size_in_out(self.mem, rng_algorithm_list_size, 16 * len(ALGORITHMS), "the algorithm list")
         if not rng_algorithm_list:
             raise EfiError(S.INVALID_PARAMETER, "RNGAlgorithmList is NULL")
         self.mem.write(rng_algorithm_list, b"".join(G.guid_to_bytes(a) for a in ALGORITHMS))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass, field
 
 import structlog
@@ -148,10 +147,8 @@ def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata:
     except Exception as e:  # noqa: BLE001
         raise StageError(f"no free memory below 4 GiB for the purgatory: {e}") from None
     fpu = abi.kvm_fpu.from_buffer_copy(frozen.fpu)
-    sregs = machine.vcpu.get_sregs()
     area, entry = state.build_purgatory_area(purg, frozen.regs, frozen.sregs, fpu, rax=0)
     fw.mem.write(purg, area)
-    del sregs
 
     ram = [(r.start, r.end) for r in fw.target.ram()]
     ranges = _page_ranges(fw.alloc.allocations)
@@ -183,9 +180,3 @@ def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata:
     log.info("stage.written", path=str(out_path), segments=len(segments), bytes=size, entry=hex(entry))
     return StageReport(str(out_path), entry, size, meta["segments"], stray, meta, purg)
 
-
-def metadata_digest(meta: dict) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-__all__ = ["stage", "plan_segments", "StageError", "StrayWritesError", "StageReport", "struct"]

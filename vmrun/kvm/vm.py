@@ -136,8 +136,6 @@ class Vcpu:
         self._map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = abi.kvm_run.from_buffer(self._map)
-        self._regs = abi.kvm_regs()
-        self._sregs = abi.kvm_sregs()
 
     # registers -------------------------------------------------------------------------------
     def get_regs(self) -> abi.kvm_regs:
