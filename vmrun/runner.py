@@ -220,6 +220,7 @@ def _freeze(fw: Firmware, e: ExitBootServicesCalled) -> FrozenState:
     sregs = vcpu.get_sregs()
     r = {n: getattr(regs, n) for n, _ in regs._fields_}
     sr = {n: getattr(sregs, n) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")}
+    sr["pat"] = vcpu.get_msrs([L.MSR_PAT]).get(L.MSR_PAT, L.PAT_DEFAULT)
     return FrozenState(
         regs=r, sregs=sr, fpu=bytes(vcpu.get_fpu()), image_handle=e.image_handle, map_key=e.map_key,
         system_table=fw.system_table, descriptors=fw.alloc.descriptors(),

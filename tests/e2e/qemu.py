@@ -590,7 +590,12 @@ def guest_acpi_rsdp(kernel: Path, memory_mb: int = 1536, *, timeout: float = 120
 # kexec inside the guest
 # --------------------------------------------------------------------------
 
-KEXEC_INIT = INIT_PREAMBLE + """\
+# Which paging mode the running kernel uses: Linux clears the la57 CPU flag when it does not
+# run with 5-level paging (so /proc/cpuinfo shows it only under CR4.LA57 = 1).
+PAGING_MODE_PROBE = ("if grep -qw la57 /proc/cpuinfo; then echo VMRUN-PAGING-5-LEVEL; "
+                     "else echo VMRUN-PAGING-4-LEVEL; fi\n")
+
+KEXEC_INIT = INIT_PREAMBLE + PAGING_MODE_PROBE + """\
 echo VMRUN-KEXEC-LOADING
 grep -i "system ram" /proc/iomem
 if kexec -d -l /staged.elf -t elf-x86_64 --args-none >/tmp/kexec.log 2>&1; then

@@ -121,17 +121,19 @@ def test_a_fault_after_kexec_is_in_the_debug_log(bookworm_kernel, tmp_path):
 
 @pytest.mark.kvm
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("release", ["bookworm", "trixie"])
-def test_vmrun_staged_kernel_boots_after_kexec(release, request, test_initrd, tmp_path):
+@pytest.mark.parametrize("release,cpu", [("bookworm", "qemu64"), ("trixie", "qemu64"), ("bookworm", "max")])
+def test_vmrun_staged_kernel_boots_after_kexec(release, cpu, request, test_initrd, tmp_path):
     """The whole handoff, for real: vmrun runs Debian's kernel to ExitBootServices against the
     QEMU guest's own memory map and ACPI RSDP, writes the handoff ELF; inside that guest,
     kexec-tools loads it and jumps to the purgatory, which returns from ExitBootServices; the
     kernel boots, runs the test initrd's /init (marker and command line) and powers off.
-    The first kernel (the one that runs kexec) is the same release."""
+    The first kernel (the one that runs kexec) is the same release. With ``-cpu max`` the first
+    kernel runs with 5-level paging (LA57), so kexec enters the purgatory with CR4.LA57 set."""
     kernel = request.getfixturevalue(f"{release}_kernel")
+    cpu_args = ["-cpu", cpu]
     memmap = tmp_path / "guest.e820"
-    memmap.write_text(qemu.guest_e820(kernel, GUEST_MB))
-    rsdp = qemu.guest_acpi_rsdp(kernel, GUEST_MB)
+    memmap.write_text(qemu.guest_e820(kernel, GUEST_MB, extra_args=cpu_args))
+    rsdp = qemu.guest_acpi_rsdp(kernel, GUEST_MB, extra_args=cpu_args)
     assert rsdp is not None
     cmdline = "console=ttyS0,115200 panic=-1 vmrun.handoff=e2e"
     staged = tmp_path / "staged.elf"
@@ -140,9 +142,11 @@ def test_vmrun_staged_kernel_boots_after_kexec(release, request, test_initrd, tm
                          "--cmdline", cmdline, "--initrd", str(test_initrd)],
                         capture_output=True, text=True, timeout=120)
     assert st.returncode == 0 and staged.is_file(), st.stdout + st.stderr
-    r = qemu.kexec_boot(kernel, staged, memory_mb=GUEST_MB, timeout=150, until=None)
+    r = qemu.kexec_boot(kernel, staged, memory_mb=GUEST_MB, timeout=150, until=None, extra_args=cpu_args)
     assert not r.failed and not r.timed_out, str(r)
-    after = r.serial.split("VMRUN-KEXEC-EXEC", 1)[-1]
+    before, after = r.serial.split("VMRUN-KEXEC-EXEC", 1)
+    # with -cpu max the first kernel really ran with 5-level paging
+    assert ("VMRUN-PAGING-5-LEVEL" if cpu == "max" else "VMRUN-PAGING-4-LEVEL") in before, str(r)
     assert re.search(r"Linux version \S+", after), str(r)  # the second kernel's banner
     assert re.search(r"efi: EFI v[0-9.]+ by vmrun", after), str(r)  # the second kernel, booted through us
     assert "VMRUN-INITRD-OK" in after, str(r)

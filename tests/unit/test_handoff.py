@@ -59,9 +59,65 @@ def test_state_block_fields():
     assert struct.unpack_from("<H", fx, 0)[0] == 0x37F and struct.unpack_from("<I", fx, 24)[0] == 0x1F80
     assert fx[160 + 16 * 6] == 0xAB
     limit, gdt = struct.unpack_from("<HQ", st, state.ST_GDTR)
-    assert gdt == base + state.STATE + state.ST_GDT and limit == 23
-    code64 = struct.unpack_from("<Q", st, state.ST_GDT + 8)[0]
+    assert gdt == base + state.STATE + state.ST_GDT and limit == 31
+    code64, data, code32 = struct.unpack_from("<3Q", st, state.ST_GDT + 8)
+    # Intel SDM Vol. 3 §3.4.5: access byte at bits 40-47, L = bit 53, D/B = bit 54
     assert (code64 >> 40) & 0xFF == 0x9A and (code64 >> 53) & 1  # ring-0 64-bit code
+    assert (data >> 40) & 0xFF == 0x92
+    assert (code32 >> 40) & 0xFF == 0x9A and not (code32 >> 53) & 1 and (code32 >> 54) & 1  # 32-bit code
+    assert struct.unpack_from("<Q", st, state.ST_PAT)[0] == 0x0007040600070406  # power-on PAT
+
+
+def test_state_block_refuses_what_a_5_level_entry_cannot_reach():
+    fpu = abi.kvm_fpu()
+    regs = {n: 0 for n in state.GPR_ORDER} | {"rsp": 0x7FF00, "rflags": 2}
+    sregs = {"cr0": 0x80010033, "cr3": 0x1_0000_0000, "cr4": 0x620, "efer": 0xD00}
+    with pytest.raises(ValueError, match="CR3 0x100000000 is not below 4 GiB"):
+        state.build_state(0x9000_0000, regs, sregs, fpu)
+    sregs["cr3"] = 0x1234000
+    with pytest.raises(ValueError, match="not below 4 GiB"):
+        state.build_state(0xFFFF_F000, regs, sregs, fpu)
+
+
+def _decode(bitness: int, code: bytes, start: int, end: int):
+    return list(X.Decoder(bitness, code[start:end], ip=start))
+
+
+def test_purgatory_switches_a_5_level_entry_to_4_level_paging():
+    """The compatibility-mode step: paging off, CR4.LA57 off, the frozen CR3, EFER, paging on, then a
+    far return to the 64-bit code selector (Intel SDM Vol. 3 §9.8.5: IA-32e mode is left and
+    entered with CR0.PG while in compatibility mode; CR4.LA57 only changes with paging off)."""
+    code, syms = state.load_purgatory()
+    head = _decode(64, code, syms["purgatory_entry"], syms["purgatory_compat32"])
+    # before the switch: CR4 reduced to PAE|LA57, then LA57 tested, then a far return to 0x18
+    ands = [i for i in head if i.mnemonic == X.Mnemonic.AND and i.op1_kind == X.OpKind.IMMEDIATE32]
+    assert ands and ands[0].immediate32 == 0x20 | 0x1000
+    tests = [i for i in head if i.mnemonic == X.Mnemonic.TEST]
+    assert tests and tests[-1].immediate32 == 0x1000
+    pushes = [i for i in head if i.mnemonic == X.Mnemonic.PUSH and i.op0_kind != X.OpKind.REGISTER]
+    assert pushes[-1].immediate32to64 == 0x18  # the 32-bit code selector
+    assert head[-1].mnemonic == X.Mnemonic.RETF
+
+    mid = _decode(32, code, syms["purgatory_compat32"], syms["purgatory_long64"])
+    writes = []
+    for ins in mid:
+        if ins.mnemonic == X.Mnemonic.MOV and ins.op0_kind == X.OpKind.REGISTER and \
+                ins.op0_register in (X.Register.CR0, X.Register.CR3, X.Register.CR4):
+            writes.append(ins.op0_register)
+        elif ins.mnemonic == X.Mnemonic.WRMSR:
+            writes.append("wrmsr")
+        elif ins.mnemonic == X.Mnemonic.AND and ins.op1_kind == X.OpKind.IMMEDIATE32:
+            writes.append(("and", ins.immediate32))
+        elif ins.mnemonic == X.Mnemonic.OR and ins.op1_kind == X.OpKind.IMMEDIATE32:
+            writes.append(("or", ins.immediate32))
+    assert writes == [("and", 0x7FFFFFFF), X.Register.CR0,      # paging off: long mode inactive
+                      ("and", 0xFFFFEFFF), X.Register.CR4,      # LA57 off
+                      X.Register.CR3,                           # the frozen 4-level tables
+                      ("and", 0xFFFFFBFF), "wrmsr",             # EFER as frozen, LMA masked
+                      ("or", 0x80000000), X.Register.CR0]       # paging on: long mode again
+    assert mid[-1].mnemonic == X.Mnemonic.RETF
+    far = [i for i in mid if i.mnemonic == X.Mnemonic.PUSH and i.op0_kind != X.OpKind.REGISTER]
+    assert far[-1].immediate32 == 0x08  # back to the 64-bit code selector
 
 
 def test_plan_segments_coalesces_within_ram_ranges_only():

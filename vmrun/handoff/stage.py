@@ -147,7 +147,11 @@ def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata:
     except Exception as e:  # noqa: BLE001
         raise StageError(f"no free memory below 4 GiB for the purgatory: {e}") from None
     fpu = abi.kvm_fpu.from_buffer_copy(frozen.fpu)
-    area, entry = state.build_purgatory_area(purg, frozen.regs, frozen.sregs, fpu, rax=0)
+    try:
+        area, entry = state.build_purgatory_area(purg, frozen.regs, frozen.sregs, fpu, rax=0,
+                                                 pat=frozen.sregs.get("pat", L.PAT_DEFAULT))
+    except ValueError as e:
+        raise StageError(f"cannot build the purgatory: {e}") from None
     fw.mem.write(purg, area)
 
     ram = [(r.start, r.end) for r in fw.target.ram()]

@@ -13,11 +13,16 @@ State block (all little-endian):
     0x030 CR0   0x038 CR3   0x040 CR4   0x048 EFER   0x050 RFLAGS   0x058 RSP
     0x060 FS base   0x068 GS base
     0x070 RAX RBX RCX RDX RSI RDI RBP R8 R9 R10 R11 R12 R13 R14 R15 (u64 each)
+    0x0e8 PAT (u64)
     0x100 FXSAVE image, 512 bytes (Intel SDM Vol. 1 Table 10-2, 64-bit layout)
-    0x300 GDT: null, ring-0 code64 (selector 0x08), ring-0 data (selector 0x10)
+    0x300 GDT: null, ring-0 code64 (selector 0x08), ring-0 data (selector 0x10),
+          ring-0 code32 (selector 0x18, for the switch from 5-level to 4-level paging)
 
 RSP is the payload's stack pointer at its ExitBootServices thunk: [RSP] is the return address,
 so the purgatory's final ``ret`` is exactly the return from ExitBootServices; RAX = EFI_SUCCESS.
+
+The purgatory and the frozen CR3 must lie below 4 GiB: a 5-level entry passes through 32-bit
+compatibility mode to switch to the frozen 4-level paging (guest/purgatory.S explains why).
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ GUEST_DIR = pathlib.Path(__file__).resolve().parents[2] / "guest"
 PURGATORY_SIZE = 0x2000
 STATE = 0x400
 STATE_MAGIC = b"VMRUNST1"
-STATE_VERSION = 1
+STATE_VERSION = 2
 STATE_SIZE = 0x340
 
 ST_GDTR, ST_IDTR = 0x010, 0x020
 ST_CR0, ST_CR3, ST_CR4, ST_EFER, ST_RFLAGS, ST_RSP = 0x030, 0x038, 0x040, 0x048, 0x050, 0x058
 ST_FS_BASE, ST_GS_BASE = 0x060, 0x068
 ST_GPRS = 0x070
+ST_PAT = 0x0e8
 GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 ST_FXSAVE = 0x100
@@ -48,6 +54,9 @@ ST_GDT = 0x300
 
 GDT_CODE64 = 0x00AF9A000000FFFF   # present, DPL 0, execute/read, L=1, G
 GDT_DATA = 0x00CF92000000FFFF     # present, DPL 0, read/write, D/B, G
+GDT_CODE32 = 0x00CF9A000000FFFF   # present, DPL 0, execute/read, D=1 (32-bit), G
+GDT = (0, GDT_CODE64, GDT_DATA, GDT_CODE32)
+BELOW_4G = 1 << 32
 RFLAGS_KEEP = 0xCD5               # CF PF AF ZF SF DF OF: the payload's arithmetic flags only
 
 
@@ -72,13 +81,18 @@ def fxsave_image(fpu: abi.kvm_fpu) -> bytes:
 
 
 def build_state(base: int, regs: dict[str, int], sregs: dict[str, int], fpu: abi.kvm_fpu,
-                fs_base: int = 0, gs_base: int = 0, rax: int = 0) -> bytes:
+                fs_base: int = 0, gs_base: int = 0, rax: int = 0, pat: int = L.PAT_DEFAULT) -> bytes:
     """The state block for a purgatory at ``base``."""
+    if base + PURGATORY_SIZE > BELOW_4G:
+        raise ValueError(f"purgatory at {base:#x} is not below 4 GiB")
+    if sregs["cr3"] >= BELOW_4G:
+        raise ValueError(f"the frozen CR3 {sregs['cr3']:#x} is not below 4 GiB; a 5-level kexec entry "
+                         "could not load it from 32-bit mode")
     st = bytearray(STATE_SIZE)
     st[0:8] = STATE_MAGIC
     struct.pack_into("<II", st, 8, STATE_VERSION, STATE_SIZE)
     gdt_base = base + STATE + ST_GDT
-    struct.pack_into("<HQ", st, ST_GDTR, 3 * 8 - 1, gdt_base)
+    struct.pack_into("<HQ", st, ST_GDTR, 8 * len(GDT) - 1, gdt_base)
     struct.pack_into("<HQ", st, ST_IDTR, 0, 0)  # no IDT: a fault before the kernel is fatal anyway
     cr0 = sregs["cr0"] | L.CR0_PE | L.CR0_PG
     cr4 = sregs["cr4"] | L.CR4_PAE | L.CR4_OSFXSR | L.CR4_OSXMMEXCPT
@@ -88,8 +102,9 @@ def build_state(base: int, regs: dict[str, int], sregs: dict[str, int], fpu: abi
     for i, name in enumerate(GPR_ORDER):
         value = rax if name == "rax" else regs[name]
         struct.pack_into("<Q", st, ST_GPRS + 8 * i, value)
+    struct.pack_into("<Q", st, ST_PAT, pat)
     st[ST_FXSAVE:ST_FXSAVE + 512] = fxsave_image(fpu)
-    struct.pack_into("<QQQ", st, ST_GDT, 0, GDT_CODE64, GDT_DATA)
+    struct.pack_into(f"<{len(GDT)}Q", st, ST_GDT, *GDT)
     return bytes(st)
 
 
