@@ -202,24 +202,107 @@ def _parse_address(opt: str, text: str) -> int:
         raise BadOptionError(f"{opt} {text!r}: expected an address such as 0xf5270") from None
 
 
+def _given(names) -> list[str]:
+    """The options among ``names`` the user set on the command line."""
+    from click.core import ParameterSource
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+
+
 @cli.command()
-@click.argument("staged", type=click.Path(path_type=pathlib.Path))
-@click.option("--crash", is_flag=True, help="Load as the crash (kdump) kernel.")
-def load(staged, crash):
-    """Load a staged handoff with kexec_load(2) (needs root)."""
-    from vmrun import kexec
-    meta = kexec.load(staged, crash=crash)
-    click.echo(f"loaded {staged} ({meta.get('payload', {}).get('name', '?')}, cmdline {meta.get('cmdline', '')!r})"
-               f"{' as the crash kernel' if crash else ''}; `vmrun exec` boots it")
+@click.argument("file", type=click.Path(path_type=pathlib.Path))
+@click.option("--crash", is_flag=True, help="Load into the crash (kdump) slot, like kexec -p.")
+@click.option("--kdump-append", default=None, metavar="TEXT",
+              help="With --crash and a payload: what to add to the kdump kernel's command line "
+                   "(default: see README, kdump).")
+@click.option("--allow-stray-writes", is_flag=True, help="Load even if the payload wrote memory it did not own.")
+@_run_options
+def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, **kw):
+    """Load FILE with kexec_load(2) (needs root): a PE payload (run for this machine and staged
+    in memory, like kexec -l) or a handoff written by `vmrun stage`."""
+    from vmrun import loader
+
+    slot = "the crash kernel" if crash else "the kexec image"
+    if loader.is_staged_file(file):
+        misplaced = _given(["kdump_append", "allow_stray_writes", "as_json", "eventlog_out", *kw])
+        if misplaced:
+            raise BadOptionError(f"{file} is a staged handoff: --{misplaced[0].replace('_', '-')} only applies "
+                                 "when loading a PE payload")
+        meta = loader.load_file(file, crash=crash)
+        click.echo(f"loaded {file} ({meta.get('payload', {}).get('name', '?')}, cmdline {meta.get('cmdline', '')!r}) "
+                   f"as {slot}" + ("" if crash else "; `vmrun exec` boots it"))
+        return
+    if kw.get("memmap") is not None:
+        raise BadOptionError("--memmap: `vmrun load` runs the payload for this machine; use `vmrun stage "
+                             "--memmap` to stage for another one")
+    if kdump_append is not None and not crash:
+        raise BadOptionError("--kdump-append only applies with --crash")
+    from vmrun.handoff.stage import build
+    from vmrun.runner import run_payload
+
+    trace = kw["trace"]
+    kdump = None
+    options = _make_run_options(**kw, dirty_log=True)
+    if crash:
+        from vmrun import kdump as K
+        kdump = K.prepare(file, options, append=kdump_append)
+        options = kdump.options
+    result = run_payload(file, options, keep=True)
+    _write_eventlog(result, eventlog_out)
+    try:
+        if result.outcome != "exit_boot_services":
+            if kdump is not None and result.outcome == "memory_cap":
+                kdump.explain_memory(result)
+            if as_json:
+                click.echo(json.dumps({"run": result.to_json(), "load": None}, indent=2, default=str))
+            else:
+                _print_summary(result, trace)
+            sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
+        extra_meta, extra_segments = (kdump.finish(result) if kdump is not None else ({}, []))
+        handoff = build(result, allow_stray_writes=allow_stray_writes, extra_metadata=extra_meta,
+                        extra_segments=extra_segments)
+        meta = loader.load_handoff(handoff, crash=crash, source={
+            "kind": "payload", "path": str(file.resolve()), "options": _options_record(kw, kdump_append)})
+        if as_json:
+            click.echo(json.dumps({"run": result.to_json(), "load": {
+                "slot": "crash" if crash else "normal", "entry": hex(handoff.entry),
+                "segments": meta["segments"], "stray_writes": handoff.stray_writes, "metadata": meta}},
+                indent=2, default=str))
+        else:
+            _print_summary(result, trace)
+            click.echo(f"loaded:   {file.name} as {slot}: {len(handoff.segments)} segments, entry "
+                       f"{handoff.entry:#x}" + ("" if crash else "; `vmrun exec` boots it"))
+            if kdump is not None:
+                click.echo(f"kdump:    cmdline {meta['kdump']['cmdline']!r}")
+    finally:
+        result.machine.close()
+
+
+def _options_record(kw: dict, kdump_append) -> dict:
+    """The run options a load used, for `vmrun status` (paths as given, defaults left out)."""
+    given = _given(list(kw))
+    rec = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in kw.items() if k in given}
+    if kdump_append is not None:
+        rec["kdump_append"] = kdump_append
+    return rec
 
 
 @cli.command()
 @click.option("--crash", is_flag=True, help="Unload the crash (kdump) kernel.")
 def unload(crash):
-    """Unload the kexec image."""
-    from vmrun import kexec
-    kexec.unload(crash=crash)
-    click.echo("unloaded")
+    """Unload the kexec image (or, with --crash, the crash kernel)."""
+    from vmrun import loader
+    loader.unload(crash=crash)
+    click.echo("unloaded the crash kernel" if crash else "unloaded")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def status(as_json):
+    """What is loaded in the normal and the crash slot, from which payload, since when."""
+    from vmrun import loader
+    st = loader.status()
+    click.echo(json.dumps(st, indent=2, default=str) if as_json else loader.format_status(st), nl=as_json)
 
 
 @cli.command()

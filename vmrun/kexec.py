@@ -27,6 +27,7 @@ LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
 LINUX_REBOOT_MAGIC2 = 672274793
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
 PAGE = 4096
+KEXEC_SEGMENT_MAX = 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -107,38 +108,55 @@ def check_fits(h: elf.ElfHandoff, name: str, *, crash: bool, host: TargetMemoryM
     return meta
 
 
-def load(path: str | os.PathLike, *, crash: bool = False) -> dict:
+def read_handoff(path: str | os.PathLike) -> tuple[bytes, elf.ElfHandoff]:
     p = pathlib.Path(path)
     try:
         data = p.read_bytes()
     except OSError as e:
         raise KexecError(f"cannot read {p}: {e.strerror}") from None
-    h = elf.read_elf(data, p.name)
+    return data, elf.read_elf(data, p.name)
+
+
+def load(path: str | os.PathLike, *, crash: bool = False) -> dict:
+    """kexec_load(2) a staged handoff file after checking it was staged for this machine."""
+    p = pathlib.Path(path)
+    data, h = read_handoff(p)
     meta = check_fits(h, p.name, crash=crash)
-    if len(h.segments) > 16:
-        raise KexecError(f"{p.name} has {len(h.segments)} segments; kexec takes at most 16")
-    buf = ctypes.create_string_buffer(data, len(data))
-    base = ctypes.addressof(buf)
-    segs = (kexec_segment * len(h.segments))()
-    for i, (off, filesz, paddr, memsz) in enumerate(h.segments):
-        if paddr % PAGE or memsz % PAGE:
-            raise KexecError(f"{p.name}: segment {paddr:#x}+{memsz:#x} is not page-aligned")
-        segs[i] = kexec_segment(base + off, filesz, paddr, memsz)
+    view = memoryview(data)
+    load_segments(h.entry, [elf.LoadSegment(paddr, view[off:off + filesz], memsz)
+                            for off, filesz, paddr, memsz in h.segments], crash=crash, name=p.name)
+    return meta
+
+
+def load_segments(entry: int, segments: list[elf.LoadSegment], *, crash: bool = False,
+                  name: str = "the handoff") -> None:
+    """kexec_load(2) with these segments (physical destinations) and entry."""
+    if len(segments) > KEXEC_SEGMENT_MAX:
+        raise KexecError(f"{name} has {len(segments)} segments; kexec takes at most {KEXEC_SEGMENT_MAX}")
+    keep = []
+    segs = (kexec_segment * len(segments))()
+    for i, sg in enumerate(segments):
+        if sg.paddr % PAGE or sg.memsz % PAGE:
+            raise KexecError(f"{name}: segment {sg.paddr:#x}+{sg.memsz:#x} is not page-aligned")
+        buf = ctypes.create_string_buffer(bytes(sg.data), len(sg.data)) if len(sg.data) else None
+        keep.append(buf)
+        segs[i] = kexec_segment(ctypes.addressof(buf) if buf is not None else None, len(sg.data),
+                                sg.paddr, sg.memsz)
     flags = KEXEC_ARCH_X86_64 | (KEXEC_ON_CRASH if crash else 0)
-    ret = _libc.syscall(ctypes.c_long(SYS_KEXEC_LOAD), ctypes.c_ulong(h.entry), ctypes.c_ulong(len(h.segments)),
+    ret = _libc.syscall(ctypes.c_long(SYS_KEXEC_LOAD), ctypes.c_ulong(entry), ctypes.c_ulong(len(segments)),
                         segs, ctypes.c_ulong(flags))
     if ret != 0:
         err = ctypes.get_errno()
         if err == errno.EPERM:
             raise KexecError(f"kexec_load refused: {_explain_eperm()}")
         if err == errno.EADDRNOTAVAIL:
-            raise KexecError(f"kexec_load refused {p.name}: a segment is outside usable RAM (EADDRNOTAVAIL)")
+            raise KexecError(f"kexec_load refused {name}: a segment is outside usable RAM (EADDRNOTAVAIL)"
+                             + (" or outside the crash kernel reservation" if crash else ""))
         if err == errno.ENOSYS:
             raise KexecError("kexec_load: this kernel was built without kexec support (CONFIG_KEXEC)")
         if err == errno.EBUSY:
             raise KexecError("kexec_load: another kexec image is being loaded or executed (EBUSY)")
         raise KexecError(f"kexec_load failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
-    return meta
 
 
 def unload(*, crash: bool = False) -> None:

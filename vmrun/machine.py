@@ -90,11 +90,33 @@ class Stats:
     exceptions: int = 0
 
 
+def table_pages(tables: list[tuple[int, bytes]], ram_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The page ranges that hold ``tables`` outside ``ram_ranges`` and below 4 GiB (what the
+    firmware's identity map covers), merged; tables that touch RAM are left out."""
+    spans = []
+    for addr, data in tables:
+        start, end = addr & ~(L.PAGE_SIZE - 1), (addr + len(data) + L.PAGE_SIZE - 1) & ~(L.PAGE_SIZE - 1)
+        if not data or end > 4 * L.GIB or any(start < e and s < end for s, e in ram_ranges):
+            continue
+        spans.append([start, end])
+    spans.sort()
+    merged: list[list[int]] = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return [(s, e) for s, e in merged]
+
+
 class Machine:
     """One VM, one vCPU, guest memory covering the target's RAM ranges."""
 
     def __init__(self, ram_ranges: list[tuple[int, int]], limits: RunLimits | None = None,
-                 dirty_log: bool = False):
+                 dirty_log: bool = False, tables: list[tuple[int, bytes]] = ()):
+        """``tables``: (physical address, bytes) of the target firmware's own tables (SMBIOS)
+        that the payload may read where the target has them, outside its RAM; their pages are
+        backed and filled, and belong to no allocation (so a write to them is a stray write)."""
         self.limits = limits or RunLimits()
         self.kvm = Kvm()
         self.vm: Vm = self.kvm.create_vm()
@@ -106,6 +128,15 @@ class Machine:
             region = self.mem.add_region(start, end - start)
             self.vm.set_memory_region(slot, start, end - start, region.host_addr, flags)
             self.max_address = max(self.max_address, end)
+        slot = len(ram_ranges)
+        self.table_ranges = table_pages(tables, ram_ranges)
+        for start, end in self.table_ranges:
+            region = self.mem.add_region(start, end - start)
+            self.vm.set_memory_region(slot, start, end - start, region.host_addr, flags)
+            slot += 1
+        self.tables = [(addr, data) for addr, data in tables if self.mem.contains(addr, len(data))]
+        for addr, data in self.tables:
+            self.mem.write(addr, data)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
         self.fw: FirmwareArea | None = None
         self.service_handler: ServiceHandler | None = None

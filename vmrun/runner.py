@@ -37,7 +37,8 @@ from vmrun import linux
 from vmrun import pe as PE
 from vmrun.devices import standard_bus
 from vmrun.emulate import Emulator
-from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, RunTimeout, VmrunError)
+from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, PayloadHalted, RunTimeout,
+                          VmrunError)
 from vmrun.machine import Machine, RunLimits
 
 log = structlog.get_logger("vmrun.runner")
@@ -57,9 +58,9 @@ class RunOptions:
     hooks: list[Any] = field(default_factory=list)
     dirty_log: bool = False  # KVM dirty-page logging (staging checks for stray writes)
     esp: pathlib.Path | None = None        # folder presented as the EFI System Partition
-    esp_path: str | None = None            # the payload's path on it when it lies outside
+    esp_path: str | None = None            # the payload's path on it (or on the empty volume) when outside
     esp_writable: bool = False
-    esp_partuuid: Any = None               # uuid.UUID of the ESP's HD() node (default: from the path)
+    esp_partuuid: Any = None               # uuid.UUID of the ESP's (or empty volume's) HD() node
     tpm: bool = True                       # EFI_TCG2_PROTOCOL with a software TPM
     tpm_banks: tuple[str, ...] = ("sha256",)
     pcr_base: dict | None = None           # bank → {index: bytes} starting values
@@ -68,6 +69,8 @@ class RunOptions:
     acpi_rsdp: int | None = None
     smbios: int | None = None
     smbios3: int | None = None
+    # the map to present, already built (a kdump crash map); overrides ``memmap``
+    target: TargetMemoryMap | None = None
 
 
 @dataclass
@@ -183,6 +186,32 @@ def host_firmware_tables(systab: pathlib.Path = SYSTAB) -> dict[str, int]:
     return out
 
 
+DMI_TABLES = pathlib.Path("/sys/firmware/dmi/tables")
+
+
+def host_smbios_tables(systab: pathlib.Path = SYSTAB, dmi: pathlib.Path = DMI_TABLES) -> list[tuple[int, bytes]]:
+    """This machine's SMBIOS entry point and structure table at their physical addresses
+    (``smbios_entry_point`` and ``DMI`` under /sys/firmware/dmi/tables, readable by root), so a
+    payload that reads them (systemd-stub reads SMBIOS type 11 strings) finds them in the VM
+    where the configuration table says. SMBIOS 3.x (``_SM3_``): the table address is the u64 at
+    offset 0x10; 2.x (``_SM_``): the u32 at offset 0x18 (DMTF DSP0134 §5.2). Empty when
+    unknown or unreadable (logged)."""
+    addrs = host_firmware_tables(systab)
+    try:
+        entry = (dmi / "smbios_entry_point").read_bytes()
+        table = (dmi / "DMI").read_bytes()
+    except OSError as e:
+        if addrs.get("SMBIOS") or addrs.get("SMBIOS3"):
+            log.warning("smbios.unreadable", error=str(e),
+                        why="a payload that reads the SMBIOS tables will fault (run as root)")
+        return []
+    if entry[:5] == b"_SM3_" and len(entry) >= 0x18 and addrs.get("SMBIOS3"):
+        return [(addrs["SMBIOS3"], entry), (struct.unpack_from("<Q", entry, 0x10)[0], table)]
+    if entry[:4] == b"_SM_" and len(entry) >= 0x1C and addrs.get("SMBIOS"):
+        return [(addrs["SMBIOS"], entry), (struct.unpack_from("<I", entry, 0x18)[0], table)]
+    return []
+
+
 def _install_target_tables(fw: Firmware, options: "RunOptions", target_is_host: bool) -> None:
     """ACPI/SMBIOS configuration tables pointing at the target machine's own tables, so the next
     kernel finds them; omitted when unknown (a kernel then scans as it would without EFI)."""
@@ -243,14 +272,19 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             initrd = pathlib.Path(options.initrd).read_bytes()
         except OSError as e:
             raise InputFileError(f"cannot read initrd {options.initrd}: {e.strerror}") from None
-    target = TargetMemoryMap.from_file(options.memmap) if options.memmap else TargetMemoryMap.from_host()
+    if options.target is not None:
+        target = options.target
+    else:
+        target = TargetMemoryMap.from_file(options.memmap) if options.memmap else TargetMemoryMap.from_host()
 
     payload_info = {"path": str(path), "name": path.name, "size": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(), "signed": image.signed}
     t0 = time.monotonic()
+    target_is_host = options.memmap is None
+    tables = host_smbios_tables() if target_is_host and options.smbios is None and options.smbios3 is None else []
     machine = Machine([(r.start, r.end) for r in target.ram()],
                       RunLimits(timeout=options.timeout, memory_cap=options.memory_cap),
-                      dirty_log=options.dirty_log)
+                      dirty_log=options.dirty_log, tables=tables)
     fw = None
     serial_lines: list[str] = []
     outcome, error, exit_status, frozen = "", None, None, None
@@ -275,7 +309,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         fw.mem.write_u64(st + 80, err_iface)
         write_crc(fw.mem, st)
         _install_runtime_after_ebs(fw)
-        _install_target_tables(fw, options, target_is_host=options.memmap is None)
+        _install_target_tables(fw, options, target_is_host=target_is_host)
         Rng(fw).install()
         DevicePathText(fw).install()
         if options.tpm:
@@ -290,7 +324,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             log.info("serial", text=line)
 
         bus, uart = standard_bus(uart_line)
-        emulator = Emulator(bus)
+        emulator = Emulator(bus, fw.events)
         machine.exception_handler = emulator.handle
         load_kwargs: dict = {}
         hooks = list(options.hooks)
@@ -300,6 +334,10 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
                                      partuuid=options.esp_partuuid))
         for hook in hooks:
             load_kwargs.update(hook(fw) or {})
+        if not load_kwargs.get("device_handle"):
+            # firmware always loads an image from some device: without --esp, an empty read-only one
+            from hostsvc.protocols.filesystem import empty_volume_hook
+            load_kwargs.update(empty_volume_hook(path, options.esp_path, partuuid=options.esp_partuuid)(fw))
         TCG2.separators(fw)  # ReadyToBoot: PCR 0-7 separators before the OS loader is measured
         img = load_image(fw, image, path.name, 0, load_options=options.cmdline, **load_kwargs)
         log.info("run.start", payload=path.name, entry=hex(img.entry), timeout=options.timeout)
@@ -321,9 +359,14 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             outcome = "reset"
             error = {"kind": "reset", "message": f"payload called ResetSystem(type {e.reset_type}, "
                                                  f"{S.name(e.status)})"}
-        except (PayloadFault, RunTimeout, MemoryCapExceeded) as e:
-            # each error's kind is its outcome: fault, timeout, memory_cap
-            outcome, error = e.kind, {"kind": e.kind, "message": str(e), **_jsonable(e.details)}
+        except (PayloadFault, RunTimeout, MemoryCapExceeded, PayloadHalted) as e:
+            # each error's kind is its outcome: fault, timeout, memory_cap, halted
+            message = str(e)
+            if e.kind in ("halted", "timeout"):
+                uart.flush()
+                last = last_console_line(fw.console, serial_lines)
+                message += f"; last console line: {last!r}" if last else "; the console stayed empty"
+            outcome, error = e.kind, {"kind": e.kind, "message": message, **_jsonable(e.details)}
         finally:
             machine.stop_watchdog()
             uart.flush()
@@ -359,6 +402,15 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             machine.close()
 
 
+def last_console_line(console: str, serial: list[str]) -> str:
+    """The last non-empty line the payload wrote to ConOut/StdErr, else to the serial port."""
+    for text in (console, "\n".join(serial)):
+        lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
 def _jsonable(d: dict) -> dict:
     return {k: (hex(v) if isinstance(v, int) and k in ("rip", "address") else v) for k, v in d.items()}
 
@@ -366,7 +418,7 @@ def _jsonable(d: dict) -> dict:
 def continue_after_ebs(result: RunResult, seconds: float = 10.0) -> VmrunError:
     """Resume a frozen run as if ExitBootServices had returned EFI_SUCCESS, until the payload
     does something only the real machine can do (for a Linux stub: the first privileged
-    instruction of the kernel proper). Returns that fault (or a timeout).
+    instruction of the kernel proper). Returns that fault (or a timeout, or a halt).
 
     A diagnostic: it shows what the stub does after EBS (e.g. the e820 table it builds) and
     that it accepted our ExitBootServices. Boot service calls after EBS are a fault.
@@ -388,7 +440,7 @@ def continue_after_ebs(result: RunResult, seconds: float = 10.0) -> VmrunError:
     m.start_watchdog()
     try:
         m._loop()
-    except (PayloadFault, RunTimeout) as e:
+    except (PayloadFault, RunTimeout, PayloadHalted) as e:
         return e
     finally:
         m.stop_watchdog()

@@ -43,7 +43,9 @@ APPS = [
     "fs",
     "stray",
     "images",
+    "halt",
     "chain",        # helper for run_ovmf.py --cmdline, not a test
+    "varlist",      # prints every variable; compared with a target's efivarfs, not a test
 ]
 
 COMMON = [HERE / "lib.c", HERE / "lib.h", HERE / "include" / "efi.h"]

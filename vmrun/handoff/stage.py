@@ -113,6 +113,20 @@ def stray_writes(machine, allocations, extra: list[tuple[int, int]] = ()) -> lis
     return [{"start": hex(s), "end": hex(e), "pages": (e - s) // L.PAGE_SIZE} for s, e in bad]
 
 
+def changed_tables(machine) -> list[dict]:
+    """The target's firmware tables (SMBIOS) the payload changed in the VM. Their pages are
+    not staged (the machine has them) and the dirty log cannot judge them: a read can mark a
+    page dirty where the host's KVM uses shadow paging (nested on TCG), so they are compared."""
+    out = []
+    for addr, data in machine.tables:
+        if machine.mem.read(addr, len(data)) != data:
+            start = addr & ~(L.PAGE_SIZE - 1)
+            end = (addr + len(data) + L.PAGE_SIZE - 1) & ~(L.PAGE_SIZE - 1)
+            out.append({"start": hex(start), "end": hex(end), "pages": (end - start) // L.PAGE_SIZE,
+                        "what": "the target's SMBIOS table"})
+    return out
+
+
 def finalize_runtime_services(fw) -> None:
     """Point every runtime service at guest code that returns EFI_UNSUPPORTED: after
     ExitBootServices there is no host to answer (the EFI_RT_PROPERTIES_TABLE says so)."""
@@ -124,20 +138,45 @@ def finalize_runtime_services(fw) -> None:
     write_crc(fw.mem, rt)
 
 
-def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata: dict | None = None
-          ) -> StageReport:
-    """Write the handoff ELF for a run kept alive at ExitBootServices."""
+@dataclass
+class Handoff:
+    """A staged handoff in memory: what ``vmrun stage`` writes and ``vmrun load`` passes to
+    kexec_load(2)."""
+    entry: int
+    segments: list[elf.LoadSegment]
+    notes: list[tuple[int, bytes]]
+    metadata: dict
+    stray_writes: list[dict]
+    purgatory: int
+
+    def write(self, out_path) -> int:
+        """Write the handoff ELF; returns its size in bytes."""
+        size = elf.write_elf(out_path, self.entry, self.segments, self.notes)
+        log.info("stage.written", path=str(out_path), segments=len(self.segments), bytes=size,
+                 entry=hex(self.entry))
+        return size
+
+
+def build(result, *, allow_stray_writes: bool = False, extra_metadata: dict | None = None,
+          extra_segments: list[elf.LoadSegment] = ()) -> Handoff:
+    """Turn a run kept alive at ExitBootServices into a handoff (segments, entry, notes).
+
+    ``extra_segments``: pages written after the run that belong to the handoff too (a kdump
+    ELF core header); they must lie inside allocations of the run."""
     if result.outcome != "exit_boot_services" or result.frozen is None:
         raise StageError(f"cannot stage: the run ended with {result.outcome}"
                          + (f" ({result.error['message']})" if result.error else ""))
     fw, machine, frozen = result.firmware, result.machine, result.frozen
-    stray = stray_writes(machine, fw.alloc.allocations) if machine.dirty_log else []
+    stray = stray_writes(machine, fw.alloc.allocations, extra=machine.table_ranges) if machine.dirty_log else []
+    stray += changed_tables(machine)
     if stray and not allow_stray_writes:
         first = stray[0]
         raise StrayWritesError(f"the payload wrote {sum(s['pages'] for s in stray)} page(s) it does not own "
                                f"(first {first['start']}-{first['end']}); refusing to stage "
                                "(--allow-stray-writes to stage anyway)", stray_writes=stray)
     finalize_runtime_services(fw)
+    for sg in extra_segments:
+        fw.mem.write(sg.paddr, sg.data)
     # the purgatory goes into two free pages; the stub's memory map is final, so this is our
     # bookkeeping only: the next kernel sees conventional memory there, used once before it runs
     try:
@@ -180,7 +219,13 @@ def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata:
     notes = [(elf.NOTE_METADATA, json.dumps(meta, sort_keys=True).encode())]
     if result.event_log is not None:
         notes.append((elf.NOTE_EVENT_LOG, result.event_log))
-    size = elf.write_elf(out_path, entry, segments, notes)
-    log.info("stage.written", path=str(out_path), segments=len(segments), bytes=size, entry=hex(entry))
-    return StageReport(str(out_path), entry, size, meta["segments"], stray, meta, purg)
+    return Handoff(entry, segments, notes, meta, stray, purg)
 
+
+def stage(result, out_path, *, allow_stray_writes: bool = False, extra_metadata: dict | None = None
+          ) -> StageReport:
+    """Write the handoff ELF for a run kept alive at ExitBootServices."""
+    h = build(result, allow_stray_writes=allow_stray_writes, extra_metadata=extra_metadata)
+    size = h.write(out_path)
+    return StageReport(str(out_path), h.entry, size, h.metadata["segments"], h.stray_writes, h.metadata,
+                       h.purgatory)

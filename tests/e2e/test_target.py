@@ -1,0 +1,127 @@
+"""vmrun on the UEFI machine that kexecs: Debian's kernel booted by OVMF in QEMU (TCG), with
+its own memory map, system table, variables and a nested /dev/kvm (see tests/e2e/target.py).
+
+Every vmrun command here runs inside that guest with no cross-staging option (no --memmap,
+--acpi-rsdp, --smbios): what it stages is for the machine it runs on. Each test boots the
+target with 5-level paging (``-cpu max``) or 4-level paging (``-cpu max,la57=off``); kexec
+then enters vmrun's purgatory in that mode.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import pytest
+
+from tests.e2e import target as T
+from tests.e2e.efiapps import build_apps
+from tests.e2e.uki import build_uki
+
+pytestmark = [pytest.mark.slow, pytest.mark.payloads]
+
+PAGING = {"la57": "VMRUN-PAGING-5-LEVEL", "no-la57": "VMRUN-PAGING-4-LEVEL"}
+
+
+def _after_exec(r, cpu: str) -> str:
+    """The second kernel's part of the session, after checking the first one's paging mode."""
+    assert PAGING[cpu] in r.serial, str(r)
+    assert "VMRUN-STEP-BEGIN exec" in r.serial, str(r)
+    after = r.serial.split("VMRUN-STEP-BEGIN exec", 1)[1]
+    assert re.search(r"Linux version \S+", after), str(r)          # the second kernel's banner
+    assert re.search(r"efi: EFI v[0-9.]+ by vmrun", after), str(r)   # booted through vmrun's tables
+    return after
+
+
+def _status(r, step: str) -> dict:
+    text, rc = T.step_output(r.serial, step)
+    assert rc == 0, str(r)
+    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("cpu", ["la57", "no-la57"])
+def test_self_staged_kernel_boots_after_kexec(cpu, bookworm_kernel, test_initrd):
+    """`vmrun stage` for the machine itself, `vmrun load STAGED` (its memory-map check passes:
+    same machine), `vmrun status`, `vmrun exec`: the staged kernel boots with its initrd and
+    the staged command line."""
+    cmdline = f"console=ttyS0,115200 panic=-1 vmrun.target=stage-{cpu}"
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("stage", f"{T.VMRUN} -q stage {bookworm_kernel} --initrd {test_initrd} "
+                        f"--cmdline '{cmdline}' -o /run/staged.elf"),
+        T.Step("load", f"{T.VMRUN} -q load /run/staged.elf"),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+        T.Step("exec", f"{T.VMRUN} -q exec"),
+    ], cpu=cpu)
+    assert not r.failed and not r.timed_out, str(r)
+    st = _status(r, "status")
+    assert st["normal"]["loaded"] and st["normal"]["by_vmrun"] and not st["normal"]["stale"], st
+    assert st["normal"]["record"]["source"] == {"kind": "staged file", "path": "/run/staged.elf"}, st
+    assert st["normal"]["record"]["cmdline"] == cmdline, st
+    assert not st["crash"]["loaded"], st
+    after = _after_exec(r, cpu)
+    assert "VMRUN-INITRD-OK" in after, str(r)
+    assert cmdline in after.split("VMRUN-INITRD-OK", 1)[1], str(r)
+    assert "reboot: Power down" in after, str(r)  # ACPI found through the target's own RSDP
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("cpu,stub", [("la57", "257"), ("no-la57", "252")])
+def test_uki_loaded_in_one_step_boots_after_kexec(cpu, stub, bookworm_kernel, payload_cache, test_initrd,
+                                                   tmp_path):
+    """`vmrun load UKI` (run, stage in memory, kexec_load; no file): after `vmrun exec` the
+    kernel boots with the UKI's own .cmdline and .initrd."""
+    cmdline = f"console=ttyS0,115200 panic=-1 vmrun.target=uki-{stub}-{cpu}"
+    esp = tmp_path / "esp"
+    (esp / "EFI" / "Linux").mkdir(parents=True)
+    uki = build_uki(payload_cache / "stubs" / stub / "linuxx64.efi.stub", esp / "EFI" / "Linux" / "uki.efi",
+                    linux=bookworm_kernel, initrd=test_initrd, cmdline=cmdline)
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("load", f"{T.VMRUN} -q load {uki} --esp {esp}"),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+        T.Step("exec", f"{T.VMRUN} -q exec"),
+    ], cpu=cpu)
+    assert not r.failed and not r.timed_out, str(r)
+    load_text, _ = T.step_output(r.serial, "load")
+    assert "loaded:   uki.efi as the kexec image" in load_text, str(r)
+    st = _status(r, "status")
+    rec = st["normal"]["record"]
+    assert st["normal"]["by_vmrun"] and rec["source"]["kind"] == "payload", st
+    assert rec["source"]["path"] == str(uki) and rec["payload"]["name"] == "uki.efi", st
+    assert rec["pcrs"]["sha256"]["11"] != "00" * 32, st  # systemd-stub measured the UKI into PCR 11
+    after = _after_exec(r, cpu)
+    assert "VMRUN-INITRD-OK" in after, str(r)
+    assert cmdline in after.split("VMRUN-INITRD-OK", 1)[1], str(r)  # the UKI's .cmdline
+
+
+@pytest.mark.efiapps
+@pytest.mark.timeout(300)
+def test_host_vars_are_the_targets_variables(bookworm_kernel):
+    """`vmrun run --host-vars` on the target: every variable in the target's efivarfs (as its
+    kernel reads them from OVMF's runtime services) reaches the payload through
+    GetNextVariableName/GetVariable with the same vendor GUID, attributes and data."""
+    apps = build_apps()
+    dump = ('for f in /sys/firmware/efi/efivars/*; do printf "EFIVARFS %s " "${f##*/}"; '
+            'od -An -v -tx1 "$f" | tr -d " \\n"; echo; done')
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("efivarfs", dump),
+        T.Step("varlist", f"{T.VMRUN} -q run --host-vars {apps / 'varlist.efi'}", may_fail=True),
+    ], cpu="la57")
+    assert not r.failed and not r.timed_out, str(r)
+    ref_text, rc = T.step_output(r.serial, "efivarfs")
+    assert rc == 0, str(r)
+    target = {}
+    for m in re.finditer(r"^EFIVARFS (\S+)-([0-9a-f-]{36}) ([0-9a-f]+)\s*$", ref_text, re.M):
+        raw = bytes.fromhex(m[3])
+        target[(m[1], uuid.UUID(m[2]))] = (int.from_bytes(raw[:4], "little"), raw[4:])
+    assert len(target) >= 5 and ("BootOrder", uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")) in target, ref_text
+    out, rc = T.step_output(r.serial, "varlist")
+    assert rc == 23, str(r)  # the app returns: outcome payload_returned
+    seen = {}
+    for m in re.finditer(r"VAR ([0-9a-f]{32}) (\S+) attrs=0x([0-9a-f]+) size=(\d+) data=([0-9a-f]*)", out):
+        seen[(m[2], uuid.UUID(bytes_le=bytes.fromhex(m[1])))] = (int(m[3], 16), int(m[4]), bytes.fromhex(m[5]))
+    for key, (attrs, data) in target.items():
+        assert key in seen, f"{key} missing from what the payload saw:\n{out}"
+        got_attrs, got_size, got_head = seen[key]
+        assert (got_attrs, got_size, got_head) == (attrs, len(data), data[:64]), key

@@ -1,0 +1,188 @@
+"""``vmrun load`` / ``unload`` / ``status``: arm a kexec slot from a PE payload or a staged file.
+
+Two slots, as the kernel has them: the normal one (``kexec -l``; ``vmrun exec`` reboots into
+it) and the crash one (``kexec -p``; the kernel jumps there when it panics). ``vmrun load
+PAYLOAD.efi`` runs the payload for this machine, stages the handoff in memory and calls
+kexec_load(2) without writing a file; ``vmrun load STAGED`` loads a file written by ``vmrun
+stage`` after checking it was staged for this machine.
+
+What was loaded is recorded in ``/run/vmrun/<slot>.json`` (``$VMRUN_STATE_DIR``), tagged with
+the boot id, so that ``vmrun status`` can say from which payload and options, since when, and
+whether the memory it was staged for still looks the same (memory hotplug makes a kdump arm
+stale: its ELF core header lists the RAM of the moment it was armed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+
+import structlog
+
+from vmrun import kexec
+
+log = structlog.get_logger("vmrun.loader")
+
+SLOTS = ("normal", "crash")
+
+
+def state_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("VMRUN_STATE_DIR", "/run/vmrun"))
+
+
+def boot_id() -> str:
+    try:
+        return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def iomem_ram_digest(iomem: str | None = None) -> str:
+    """SHA-256 of this machine's top-level System RAM ranges in /proc/iomem (what memory
+    hotplug changes); empty when /proc/iomem shows no addresses (not root)."""
+    if iomem is None:
+        try:
+            iomem = pathlib.Path("/proc/iomem").read_text()
+        except OSError:
+            return ""
+    lines = [ln.strip() for ln in iomem.splitlines()
+             if not ln.startswith(" ") and ln.strip().endswith(": System RAM")]
+    if not lines or all(ln.startswith("00000000-00000000") for ln in lines):
+        return ""
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def record(slot: str, metadata: dict, source: dict) -> None:
+    """Remember what was loaded into ``slot`` (best effort: a failure is logged, not fatal)."""
+    entry = {
+        "slot": slot,
+        "loaded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "boot_id": boot_id(),
+        "source": source,
+        "payload": metadata.get("payload"),
+        "cmdline": metadata.get("cmdline"),
+        "memmap": metadata.get("memmap"),
+        "iomem_ram_sha256": iomem_ram_digest(),
+        "entry": metadata.get("entry"),
+        "segments": metadata.get("segments"),
+        "pcrs": metadata.get("pcrs"),
+        "kdump": metadata.get("kdump"),
+    }
+    try:
+        d = state_dir()
+        d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        tmp = d / f".{slot}.json.{os.getpid()}"
+        tmp.write_text(json.dumps(entry, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, d / f"{slot}.json")
+    except OSError as e:
+        log.warning("status.record_failed", slot=slot, error=str(e))
+
+
+def forget(slot: str) -> None:
+    try:
+        (state_dir() / f"{slot}.json").unlink()
+    except OSError:
+        pass
+
+
+def _recorded(slot: str) -> dict | None:
+    try:
+        entry = json.loads((state_dir() / f"{slot}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("boot_id") == boot_id() else None
+
+
+def status() -> dict:
+    """Both slots: what the kernel says (/sys/kernel/kexec_loaded, kexec_crash_loaded,
+    kexec_crash_size) and what vmrun recorded loading there, with staleness checks."""
+    out: dict = {}
+    crash_size = None
+    try:
+        crash_size = int(pathlib.Path("/sys/kernel/kexec_crash_size").read_text().strip())
+    except (OSError, ValueError):
+        pass
+    ram_now = iomem_ram_digest()
+    for slot in SLOTS:
+        loaded = kexec.loaded(crash=slot == "crash")
+        rec = _recorded(slot)
+        s: dict = {"loaded": loaded, "by_vmrun": bool(loaded and rec), "stale": [], "record": None}
+        if slot == "crash":
+            s["crash_kernel_bytes"] = crash_size
+            s["crash_regions"] = [{"start": hex(a), "end": hex(b - 1)} for a, b in kexec.crash_regions()]
+        if loaded and rec:
+            s["record"] = rec
+            if rec.get("iomem_ram_sha256") and ram_now and rec["iomem_ram_sha256"] != ram_now:
+                s["stale"].append("System RAM in /proc/iomem changed since it was loaded (memory hotplug?): "
+                                  "load it again")
+            if slot == "normal" and rec.get("memmap", {}).get("digest"):
+                from hostsvc.memmap import TargetMemoryMap
+                try:
+                    if TargetMemoryMap.from_host().digest() != rec["memmap"]["digest"]:
+                        s["stale"].append("this machine's memory map differs from the one it was staged for")
+                except Exception as e:  # noqa: BLE001 - status must not fail on an unreadable map
+                    s["stale"].append(f"cannot read this machine's memory map: {e}")
+        elif loaded:
+            s["note"] = "loaded by another tool (no vmrun record for this boot)"
+        out[slot] = s
+    return out
+
+
+def format_status(st: dict) -> str:
+    lines = []
+    for slot in SLOTS:
+        s = st[slot]
+        head = f"{slot}: {'loaded' if s['loaded'] else 'empty'}"
+        if slot == "crash":
+            regions = ", ".join(f"{r['start']}-{r['end']}" for r in s["crash_regions"]) or "none"
+            head += f" (crash kernel reservation: {regions})"
+        lines.append(head)
+        rec = s.get("record")
+        if rec:
+            p = rec.get("payload") or {}
+            lines.append(f"  payload:  {p.get('path', p.get('name', '?'))} (sha256 {str(p.get('sha256', '?'))[:16]}…)")
+            lines.append(f"  since:    {rec['loaded_at']} (from {rec['source'].get('kind')})")
+            lines.append(f"  cmdline:  {rec.get('cmdline')!r}")
+            if rec.get("kdump"):
+                k = rec["kdump"]
+                lines.append(f"  kdump:    elfcorehdr {k.get('elfcorehdr')}, cmdline {k.get('cmdline')!r}")
+            for bank, vals in (rec.get("pcrs") or {}).items():
+                lines.append(f"  pcrs:     {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in vals.items()))
+        elif s.get("note"):
+            lines.append(f"  {s['note']}")
+        for why in s["stale"]:
+            lines.append(f"  STALE:    {why}")
+    return "\n".join(lines) + "\n"
+
+
+def load_file(path: pathlib.Path, *, crash: bool) -> dict:
+    """``vmrun load STAGED``: the file flow, with its memory-map check."""
+    meta = kexec.load(path, crash=crash)
+    record("crash" if crash else "normal", meta, {"kind": "staged file", "path": str(path)})
+    return meta
+
+
+def load_handoff(handoff, *, crash: bool, source: dict) -> dict:
+    """kexec_load(2) a handoff staged in memory (``vmrun load PAYLOAD``)."""
+    kexec.load_segments(handoff.entry, handoff.segments, crash=crash,
+                        name=handoff.metadata.get("payload", {}).get("name", "the payload"))
+    record("crash" if crash else "normal", handoff.metadata, source)
+    return handoff.metadata
+
+
+def unload(*, crash: bool) -> None:
+    kexec.unload(crash=crash)
+    forget("crash" if crash else "normal")
+
+
+def is_staged_file(path: pathlib.Path) -> bool:
+    """A handoff ELF (``vmrun stage``'s output) rather than a PE payload."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
