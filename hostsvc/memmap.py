@@ -230,7 +230,7 @@ def _detect_and_parse(text: str, source: str) -> list[_Entry]:
         f"{line.strip()!r}")
 
 
-def _build(entries: list[_Entry], source: str) -> "TargetMemoryMap":
+def _build(entries: list[_Entry], source: str, role: str = "") -> "TargetMemoryMap":
     if not entries:
         raise BadOptionError(f"memory map {source}: no memory ranges found")
     entries = sorted(entries, key=lambda e: (e.start, e.end))
@@ -254,7 +254,7 @@ def _build(entries: list[_Entry], source: str) -> "TargetMemoryMap":
             merged[-1] = PhysRange(prev.start, e.end, e.kind, label)
         else:
             merged.append(PhysRange(e.start, e.end, e.kind, e.label))
-    result = TargetMemoryMap(tuple(merged), source)
+    result = TargetMemoryMap(tuple(merged), source, role)
     if not result.ram():
         raise BadOptionError(f"memory map {source}: no usable RAM (no whole 4 KiB page of RAM)")
     return result
@@ -270,6 +270,10 @@ class TargetMemoryMap:
 
     ranges: tuple[PhysRange, ...]
     source: str = "text"
+    #: What the map is for: ``""`` for a machine's own map; ``"kdump"`` for the map a crash
+    #: kernel is shown (``vmrun.kdump.crash_memory_map``). A non-empty role is part of
+    #: :meth:`canonical_text`, so such a map never has the digest of a machine's map.
+    role: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranges", tuple(self.ranges))
@@ -303,8 +307,8 @@ class TargetMemoryMap:
     def canonical_text(self) -> str:
         """One ``START END KIND`` line per range (exclusive end, hex): labels are left out, so
         the same machine read through sysfs, iomem or e820 lines gives the same text as long as
-        the ranges agree."""
-        lines = ["vmrun-memmap-v1"]
+        the ranges agree. A map with a :attr:`role` says so on the first line."""
+        lines = ["vmrun-memmap-v1" + (f" role={self.role}" if self.role else "")]
         lines += [f"{r.start:016x} {r.end:016x} {r.kind.name}" for r in self.ranges]
         return "\n".join(lines) + "\n"
 
@@ -317,6 +321,18 @@ class TargetMemoryMap:
     def from_text(cls, text: str, source: str = "text") -> "TargetMemoryMap":
         """Parse ``text`` in any of the three formats (detected from the content)."""
         return _build(_detect_and_parse(text, source), source)
+
+    @classmethod
+    def from_ranges(cls, ranges, source: str, *, role: str = "") -> "TargetMemoryMap":
+        """A map built from :class:`PhysRange` values (in any order), with the same checks and
+        merging as a parsed map: overlaps, RAM in the flash window and a map without RAM raise
+        :class:`vmrun.errors.BadOptionError` naming ``source``."""
+        entries = [_Entry(r.start, r.end, r.kind, r.label, f"range {r.start:#x}-{r.end - 1:#x}")
+                   for r in ranges]
+        for e in entries:
+            if not 0 <= e.start < e.end <= _ADDR_LIMIT:
+                raise BadOptionError(f"memory map {source}: {e.where}: empty or beyond 64 bits")
+        return _build(entries, source, role)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TargetMemoryMap":

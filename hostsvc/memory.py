@@ -199,6 +199,9 @@ class Allocator:
         self.target = target
         self.cap_bytes = cap_bytes
         self.map_key = 1
+        # (bytes asked for, bytes free) of every request refused for want of free RAM: what
+        # tells "the map is too small for the payload" apart from other failures
+        self.refusals: list[tuple[int, int]] = []
         self._ram: list[PhysRange] = target.ram()
         self._free: list[tuple[int, int]] = [(r.start, r.end) for r in self._ram]
         self._allocs: list[Allocation] = []
@@ -263,6 +266,7 @@ class Allocator:
                 if limit < ADDR_LIMIT and self._find_fit(size, ADDR_LIMIT) is not None:
                     raise EfiError(status.NOT_FOUND,
                                    f"no {pages} free pages end at or below {address:#x}")
+                self.refusals.append((size, self.free_bytes()))
                 raise EfiError(status.OUT_OF_RESOURCES,
                                f"no run of {pages} free pages ({self.free_bytes():#x} bytes free)")
             start = found
@@ -321,6 +325,7 @@ class Allocator:
         pages = (need + PAGE_MASK) // PAGE_SIZE
         start = self._find_fit(pages * PAGE_SIZE, ADDR_LIMIT)
         if start is None:
+            self.refusals.append((pages * PAGE_SIZE, self.free_bytes()))
             raise EfiError(status.OUT_OF_RESOURCES,
                            f"no run of {pages} free pages for a pool of {size:#x} bytes")
         self._charge(owner, pages * PAGE_SIZE,

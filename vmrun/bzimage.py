@@ -23,6 +23,7 @@ class BzImage:
     protocol: tuple[int, int]
     payload: bytes
     compression: str
+    init_size: int = 0  # memory the kernel needs from its load address to run (protocol 2.10+)
 
 
 def parse(data: bytes) -> BzImage | None:
@@ -40,4 +41,5 @@ def parse(data: bytes) -> BzImage | None:
     if kver:
         raw = data[kver + 0x200:kver + 0x200 + 256]
         version = raw.split(b"\0", 1)[0].decode("ascii", "replace")
-    return BzImage(version, (proto >> 8, proto & 0xFF), payload, compression)
+    init_size = struct.unpack_from("<I", data, 0x260)[0] if proto >= 0x020A else 0
+    return BzImage(version, (proto >> 8, proto & 0xFF), payload, compression, init_size)

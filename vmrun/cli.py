@@ -245,22 +245,22 @@ def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, *
     options = _make_run_options(**kw, dirty_log=True)
     if crash:
         from vmrun import kdump as K
-        kdump = K.prepare(file, options, append=kdump_append)
+        kdump = K.CrashLoad(file, options, append=kdump_append)
         options = kdump.options
     result = run_payload(file, options, keep=True)
     _write_eventlog(result, eventlog_out)
     try:
         if result.outcome != "exit_boot_services":
-            if kdump is not None and result.outcome == "memory_cap":
-                kdump.explain_memory(result)
+            if kdump is not None:
+                kdump.check_outcome(result)
             if as_json:
                 click.echo(json.dumps({"run": result.to_json(), "load": None}, indent=2, default=str))
             else:
                 _print_summary(result, trace)
             sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
-        extra_meta, extra_segments = (kdump.finish(result) if kdump is not None else ({}, []))
+        extra_meta, extra_segments, not_staged = kdump.finish(result) if kdump is not None else ({}, [], [])
         handoff = build(result, allow_stray_writes=allow_stray_writes, extra_metadata=extra_meta,
-                        extra_segments=extra_segments)
+                        extra_segments=extra_segments, not_staged=not_staged)
         meta = loader.load_handoff(handoff, crash=crash, source={
             "kind": "payload", "path": str(file.resolve()), "options": _options_record(kw, kdump_append)})
         if as_json:

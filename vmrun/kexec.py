@@ -91,10 +91,14 @@ def check_fits(h: elf.ElfHandoff, name: str, *, crash: bool, host: TargetMemoryM
         regions = crash_regions()
         if not regions:
             raise KexecError("no crash kernel reservation (boot with crashkernel=…) for --crash")
+        # KEXEC_ON_CRASH takes segments only inside crashk_res: the highest reservation (a
+        # crashkernel=…,high boot also has a low one, which is not a place to load)
+        s, e = max(regions)
         for off, filesz, paddr, memsz in h.segments:
-            if not any(s <= paddr and paddr + memsz <= e for s, e in regions):
+            if not (s <= paddr and paddr + memsz <= e):
                 raise HandoffMismatch(f"{name}: segment {paddr:#x}+{memsz:#x} is outside the crash kernel "
-                                      "reservation; stage it with --memmap describing that region")
+                                      f"reservation {s:#x}-{e - 1:#x}; load the payload itself with "
+                                      "`vmrun load --crash PAYLOAD`")
         return meta
     host = host or TargetMemoryMap.from_host()
     if meta.get("memmap", {}).get("digest") != host.digest():

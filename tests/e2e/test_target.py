@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from tests.e2e import qemu as Q
 from tests.e2e import target as T
 from tests.e2e.efiapps import build_apps
 from tests.e2e.uki import build_uki
@@ -125,3 +126,125 @@ def test_host_vars_are_the_targets_variables(bookworm_kernel):
         assert key in seen, f"{key} missing from what the payload saw:\n{out}"
         got_attrs, got_size, got_head = seen[key]
         assert (got_attrs, got_size, got_head) == (attrs, len(data), data[:64]), key
+
+
+# --------------------------------------------------------------------------
+# kdump standby
+# --------------------------------------------------------------------------
+
+CRASHKERNEL = "crashkernel=256M"
+KDUMP_DONE = "VMRUN-KDUMP-DONE"
+# The kdump kernel's /init: what /proc/vmcore begins with (ELF magic, e_type), the VMCOREINFO
+# note's OSRELEASE (in the merged note segment right after the headers), its command line.
+KDUMP_INIT = """#!/bin/busybox sh
+/bin/busybox mkdir -p /bin /proc /sys /dev
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+if [ -r /proc/vmcore ]; then
+    magic=$(head -c 4 /proc/vmcore | od -An -tx1 | tr -d ' \\n')
+    etype=$(head -c 18 /proc/vmcore | tail -c 2 | od -An -tx1 | tr -d ' \\n')
+    osrel=$(head -c 4194304 /proc/vmcore | strings | grep -m1 '^OSRELEASE=')
+    echo "VMRUN-VMCORE magic=$magic etype=$etype $osrel size=$(stat -c %s /proc/vmcore)"
+else
+    echo VMRUN-VMCORE-MISSING
+fi
+echo "VMRUN-KDUMP-CMDLINE $(cat /proc/cmdline)"
+grep -E "System RAM|Crash kernel" /proc/iomem | sed 's/^/VMRUN-KDUMP-IOMEM /'
+echo """ + KDUMP_DONE + """
+poweroff -f
+"""
+
+
+@pytest.fixture(scope="module")
+def kdump_initrd(tmp_path_factory):
+    return Q.build_initramfs(tmp_path_factory.mktemp("kdump") / "kdump.cpio", {}, KDUMP_INIT,
+                             with_kexec=False)
+
+
+def _check_kdump(r, load_step: str, cmdline: str) -> None:
+    assert not r.failed and not r.timed_out and KDUMP_DONE in r.serial, str(r)
+    first_release, rc = T.step_output(r.serial, "uname")
+    assert rc == 0, str(r)
+    st = _status(r, "status")
+    assert st["crash"]["loaded"] and st["crash"]["by_vmrun"] and not st["crash"]["stale"], st
+    assert not st["normal"]["loaded"], st
+    crash = st["crash"]["crash_regions"]
+    assert len(crash) == 1, st
+    start, end = int(crash[0]["start"], 16), int(crash[0]["end"], 16) + 1
+    assert end - start == 256 << 20, st  # crashkernel=256M
+    kd = st["crash"]["record"]["kdump"]
+    hdr = int(kd["elfcorehdr"]["addr"], 16)
+    assert start <= hdr < end, kd
+    for seg in st["crash"]["record"]["segments"]:  # every segment inside the reservation
+        assert start <= int(seg["paddr"], 16) and int(seg["paddr"], 16) + seg["memsz"] <= end, st
+    after = r.serial.split("VMRUN-STEP-BEGIN crash", 1)[1]
+    assert "sysrq: Trigger a crash" in after, str(r)
+    m = re.search(r"VMRUN-VMCORE magic=(\w+) etype=(\w+) OSRELEASE=(\S+) size=(\d+)", after)
+    assert m, str(r)
+    assert m[1] == "7f454c46" and m[2] == "0400", m[0]   # ELF, ET_CORE (little endian)
+    assert m[3] == first_release.strip().splitlines()[-1], (m[0], first_release)  # the crashed kernel's
+    assert int(m[4]) > 1 << 30, m[0]  # the crashed kernel's RAM (2 GiB guest less 256 MiB) is dumped
+    kcmd = re.search(r"VMRUN-KDUMP-CMDLINE (.*)", after)[1].strip()
+    assert kcmd.startswith(cmdline), kcmd  # the payload's own command line first
+    assert f"elfcorehdr={kd['elfcorehdr']['size']:#x}@{hdr:#x}" in kcmd.split(), kcmd
+    for word in ("reset_devices", "nr_cpus=1", "irqpoll"):
+        assert word in kcmd.split(), kcmd
+    assert "crashkernel=" not in kcmd, kcmd
+    ram = re.findall(r"VMRUN-KDUMP-IOMEM ([0-9a-f]+)-([0-9a-f]+) : System RAM", after)
+    assert ram, str(r)
+    for s, e in ram:  # the kdump kernel's RAM: the reservation and the low MiB only
+        s, e = int(s, 16), int(e, 16) + 1
+        assert (start <= s and e <= end) or e <= 1 << 20, (hex(s), hex(e))
+
+
+@pytest.mark.timeout(400)
+def test_kdump_uki(bookworm_kernel, payload_cache, kdump_initrd, tmp_path):
+    """`vmrun load --crash UKI` on a target booted with crashkernel=256M, then a crash: the
+    UKI's kernel boots in the reservation, with its own .cmdline plus the kdump additions, and
+    its /proc/vmcore is the crashed kernel's (ELF core, VMCOREINFO with its OSRELEASE)."""
+    cmdline = "console=ttyS0,115200 panic=-1 vmrun.kdump=uki"
+    esp = tmp_path / "esp"
+    (esp / "EFI" / "Linux").mkdir(parents=True)
+    uki = build_uki(payload_cache / "stubs" / "257" / "linuxx64.efi.stub", esp / "EFI" / "Linux" / "kdump.efi",
+                    linux=bookworm_kernel, initrd=kdump_initrd, cmdline=cmdline)
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("uname", "uname -r"),
+        T.Step("load", f"{T.VMRUN} -q load --crash {uki} --esp {esp}"),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+        T.Step("crash", "echo c > /proc/sysrq-trigger"),
+    ], cpu="la57", append=f"{Q.DEFAULT_APPEND} {CRASHKERNEL}", until=KDUMP_DONE)
+    _check_kdump(r, "load", cmdline)
+
+
+@pytest.mark.timeout(400)
+def test_kdump_efi_stub_kernel(bookworm_kernel, kdump_initrd):
+    """The same with a plain EFI-stub kernel, `--cmdline` and `--initrd`, on a 4-level target."""
+    cmdline = "console=ttyS0,115200 panic=-1 vmrun.kdump=kernel"
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("uname", "uname -r"),
+        T.Step("load", f"{T.VMRUN} -q load --crash {bookworm_kernel} --initrd {kdump_initrd} "
+                       f"--cmdline '{cmdline}'"),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+        T.Step("crash", "echo c > /proc/sysrq-trigger"),
+    ], cpu="no-la57", append=f"{Q.DEFAULT_APPEND} {CRASHKERNEL}", until=KDUMP_DONE)
+    _check_kdump(r, "load", cmdline)
+
+
+@pytest.mark.timeout(300)
+def test_kdump_errors_on_the_target(bookworm_kernel, kdump_initrd):
+    """No reservation: a clear error naming crashkernel=, exit 50. A reservation too small for
+    the payload: the sizes, exit 52. Neither arms anything."""
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("none", f"{T.VMRUN} -q load --crash {bookworm_kernel} --initrd {kdump_initrd}", may_fail=True),
+    ], cpu="no-la57")
+    out, rc = T.step_output(r.serial, "none")
+    assert rc == 50 and "crashkernel=" in out and "Traceback" not in out, str(r)
+    r = T.target_boot(bookworm_kernel, [
+        T.Step("small", f"{T.VMRUN} -q load --crash {bookworm_kernel} --initrd {kdump_initrd}", may_fail=True),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+    ], cpu="no-la57", append=f"{Q.DEFAULT_APPEND} crashkernel=48M")
+    out, rc = T.step_output(r.serial, "small")
+    assert rc == 52 and "crash kernel reservation" in out and "MiB" in out and "Traceback" not in out, str(r)
+    assert not _status(r, "status")["crash"]["loaded"], str(r)

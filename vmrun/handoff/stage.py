@@ -158,11 +158,13 @@ class Handoff:
 
 
 def build(result, *, allow_stray_writes: bool = False, extra_metadata: dict | None = None,
-          extra_segments: list[elf.LoadSegment] = ()) -> Handoff:
+          extra_segments: list[elf.LoadSegment] = (), not_staged: list[tuple[int, int]] = ()) -> Handoff:
     """Turn a run kept alive at ExitBootServices into a handoff (segments, entry, notes).
 
     ``extra_segments``: pages written after the run that belong to the handoff too (a kdump
-    ELF core header); they must lie inside allocations of the run."""
+    ELF core header); they must lie inside allocations of the run. ``not_staged``: [start,
+    end) ranges whose allocations are bookkeeping only, never segments (RAM a kdump kernel may
+    use but nothing may be loaded into)."""
     if result.outcome != "exit_boot_services" or result.frozen is None:
         raise StageError(f"cannot stage: the run ended with {result.outcome}"
                          + (f" ({result.error['message']})" if result.error else ""))
@@ -194,7 +196,8 @@ def build(result, *, allow_stray_writes: bool = False, extra_metadata: dict | No
     fw.mem.write(purg, area)
 
     ram = [(r.start, r.end) for r in fw.target.ram()]
-    ranges = _page_ranges(fw.alloc.allocations)
+    ranges = _page_ranges(a for a in fw.alloc.allocations
+                          if not any(s <= a.start < e for s, e in not_staged))
     planned = plan_segments(ranges, ram)
     segments = []
     for s, e in planned:
