@@ -237,6 +237,10 @@ def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, *
                              "--memmap` to stage for another one")
     if kdump_append is not None and not crash:
         raise BadOptionError("--kdump-append only applies with --crash")
+    from vmrun import kexec
+    from vmrun import pe as PE
+    PE.load_file(file)  # a bad file is named as such first
+    kexec.precheck()    # then what would make kexec_load fail for sure: before the payload runs
     from vmrun.handoff.stage import build
     from vmrun.runner import run_payload
 

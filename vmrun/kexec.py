@@ -70,6 +70,33 @@ def _explain_eperm(euid: int | None = None, proc: str = "/proc", security: str =
     return "; ".join(reasons) or "operation not permitted"
 
 
+CAP_SYS_BOOT = 22
+
+
+def _has_cap_sys_boot(status: str = "/proc/self/status") -> bool:
+    try:
+        for line in pathlib.Path(status).read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_BOOT & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def precheck(sys_kernel: str = "/sys/kernel", proc: str = "/proc") -> None:
+    """Refuse at once, before a payload runs for nothing, what kexec_load(2) would refuse for
+    sure: a kernel without kexec, a caller without CAP_SYS_BOOT, kexec_load disabled."""
+    if not pathlib.Path(sys_kernel, "kexec_loaded").exists():
+        raise KexecError("kexec_load: this kernel was built without kexec support (CONFIG_KEXEC): "
+                         f"{sys_kernel}/kexec_loaded is missing")
+    try:
+        disabled = pathlib.Path(proc, "sys/kernel/kexec_load_disabled").read_text().strip() == "1"
+    except OSError:
+        disabled = False
+    if disabled or not _has_cap_sys_boot():
+        raise KexecError(f"kexec_load refused: {_explain_eperm(proc=proc)}")
+
+
 def crash_regions() -> list[tuple[int, int]]:
     out = []
     try:

@@ -162,7 +162,30 @@ def test_crash_load_without_a_reservation_is_refused(host_staged):
     assert p.returncode == KexecError.exit_code and "crash kernel reservation" in p.stderr
 
 
-def test_load_refuses_a_file_that_is_not_a_handoff(tmp_path, bookworm_kernel):
-    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "load", str(bookworm_kernel)],
+def test_load_refuses_a_file_that_is_neither_a_payload_nor_a_handoff(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a kernel\n" * 100)
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "load", str(junk)],
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == E.MalformedImageError.exit_code and "not an ELF" in p.stderr
+    assert p.returncode == E.NotPEError.exit_code and "junk.bin" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_load_of_a_payload_fails_before_running_it_where_kexec_cannot_work(bookworm_kernel):
+    """This host's kernel has no kexec (or the caller no CAP_SYS_BOOT): `vmrun load PAYLOAD`
+    says so at once instead of running the payload first."""
+    from vmrun.kexec import KexecError
+    import os
+    if os.path.exists("/sys/kernel/kexec_loaded") and os.geteuid() == 0:
+        pytest.skip("kexec works here; the target tests load payloads for real")
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "load", str(bookworm_kernel)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == KexecError.exit_code, p.stderr
+    assert "without kexec support" in p.stderr or "not running as root" in p.stderr, p.stderr
+    assert "run.start" not in p.stderr and "outcome:" not in p.stdout, p.stderr  # the payload never ran
+
+
+def test_load_refuses_run_options_for_a_staged_file(host_staged):
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "load", str(host_staged), "--cmdline", "x"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == E.BadOptionError.exit_code and "--cmdline only applies" in p.stderr, p.stderr
