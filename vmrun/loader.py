@@ -27,6 +27,7 @@ from vmrun import kexec
 log = structlog.get_logger("vmrun.loader")
 
 SLOTS = ("normal", "crash")
+SUMMARY_PCRS = (4, 5, 7, 9, 11, 12, 13)  # the ones a payload's boot changes (all are in --json)
 
 
 def state_dir() -> pathlib.Path:
@@ -150,7 +151,8 @@ def format_status(st: dict) -> str:
                 k = rec["kdump"]
                 lines.append(f"  kdump:    elfcorehdr {k.get('elfcorehdr')}, cmdline {k.get('cmdline')!r}")
             for bank, vals in (rec.get("pcrs") or {}).items():
-                lines.append(f"  pcrs:     {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in vals.items()))
+                shown = sorted((int(i), v) for i, v in vals.items() if int(i) in SUMMARY_PCRS)
+                lines.append(f"  pcrs:     {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in shown))
         elif s.get("note"):
             lines.append(f"  {s['note']}")
         for why in s["stale"]:
