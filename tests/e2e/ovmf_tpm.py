@@ -352,6 +352,13 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def tpm_args(swtpm_ctrl: Path) -> list[str]:
+    """QEMU arguments for a TPM 2.0 on the TIS interface backed by the swtpm at ``swtpm_ctrl``."""
+    return ["-chardev", f"socket,id=chrtpm,path={swtpm_ctrl}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+            "-device", "tpm-tis,tpmdev=tpm0"]
+
+
 def qemu_command(disk: Path, swtpm_ctrl: Path, *, memory_mb: int, extra_args=()) -> list[str]:
     return [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
             "-bios", str(OVMF),
@@ -359,9 +366,7 @@ def qemu_command(disk: Path, swtpm_ctrl: Path, *, memory_mb: int, extra_args=())
             "-no-reboot",
             "-drive", f"if=none,id=esp,format=raw,file={disk}",
             "-device", "virtio-blk-pci,drive=esp,bootindex=0",
-            "-chardev", f"socket,id=chrtpm,path={swtpm_ctrl}",
-            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-            "-device", "tpm-tis,tpmdev=tpm0",
+            *tpm_args(swtpm_ctrl),
             "-device", "virtio-rng-pci",
             *extra_args]
 

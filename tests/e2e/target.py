@@ -97,18 +97,29 @@ def target_init(modules: list[str], steps: list[Step]) -> str:
 
 def target_boot(kernel: Path, steps: list[Step], *, cpu: str = "la57", memory_mb: int = DEFAULT_MB,
                 append: str = Q.DEFAULT_APPEND, timeout: float = 300, until: str | None = None,
-                fail: str | None = FAIL_PATTERN, extra_args=()) -> Q.QemuResult:
+                fail: str | None = FAIL_PATTERN, tpm: bool = False, extra_args=()) -> Q.QemuResult:
     """Boot ``kernel`` under OVMF as a UEFI target (``cpu``: ``la57`` or ``no-la57``) and run
     ``steps`` in it; returns the whole serial session (see the module's markers). Bounded by
-    ``timeout``; stops at ``until``, at ``fail`` or when QEMU exits."""
+    ``timeout``; stops at ``until``, at ``fail`` or when QEMU exits. ``tpm``: a fresh TPM 2.0
+    (swtpm) on the TIS interface, which OVMF measures into and the kernel offers as
+    /dev/tpmrm0 with the firmware's event log in securityfs."""
+    from tests.e2e import ovmf_tpm
     modules = target_modules(kernel)
     files = {f"modules/{m.name}": m for m in modules}
     init = target_init([m.name for m in modules], steps)
     args = ["-bios", str(OVMF), "-cpu", CPUS[cpu], *Q.hostroot_args(), *extra_args]
     with tempfile.TemporaryDirectory(dir=Q.work_dir()) as t:
         img = Q.build_initramfs(Path(t, "target.cpio"), files, init, with_kexec=False)
-        return Q.boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
-                      until=until, fail=fail, extra_args=args)
+        swtpm = None
+        try:
+            if tpm:
+                swtpm, ctrl, _log = ovmf_tpm._start_swtpm(Path(t))
+                args += ovmf_tpm.tpm_args(ctrl)
+            return Q.boot(kernel, img, memory_mb=memory_mb, append=append, timeout=timeout,
+                          until=until, fail=fail, extra_args=args)
+        finally:
+            if swtpm is not None:
+                ovmf_tpm._kill(swtpm)
 
 
 def step_output(serial: str, name: str) -> tuple[str, int | None]:

@@ -101,15 +101,21 @@ def test_uki_loaded_in_one_step_boots_after_kexec(cpu, stub, bookworm_kernel, pa
 def test_host_vars_are_the_targets_variables(bookworm_kernel):
     """`vmrun run --host-vars` on the target: every variable in the target's efivarfs (as its
     kernel reads them from OVMF's runtime services) reaches the payload through
-    GetNextVariableName/GetVariable with the same vendor GUID, attributes and data."""
+    GetNextVariableName/GetVariable with the same vendor GUID, attributes and data. The target
+    has a TPM (swtpm): its kernel offers /dev/tpmrm0 and OVMF's event log in securityfs."""
     apps = build_apps()
     dump = ('for f in /sys/firmware/efi/efivars/*; do printf "EFIVARFS %s " "${f##*/}"; '
             'od -An -v -tx1 "$f" | tr -d " \\n"; echo; done')
     r = T.target_boot(bookworm_kernel, [
         T.Step("efivarfs", dump),
         T.Step("varlist", f"{T.VMRUN} -q run --host-vars {apps / 'varlist.efi'}", may_fail=True),
-    ], cpu="la57")
+        T.Step("tpm", "ls /dev/tpmrm0 && head -c 4 /sys/kernel/security/tpm0/binary_bios_measurements "
+                      "| od -An -tx1"),
+    ], cpu="la57", tpm=True)
     assert not r.failed and not r.timed_out, str(r)
+    tpm_text, rc = T.step_output(r.serial, "tpm")
+    # TCG PC Client log: the first event is SHA1-format, PCR 0 (a little-endian u32 0)
+    assert rc == 0 and "/dev/tpmrm0" in tpm_text and "00 00 00 00" in tpm_text, str(r)
     ref_text, rc = T.step_output(r.serial, "efivarfs")
     assert rc == 0, str(r)
     target = {}
