@@ -24,7 +24,7 @@ from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION
 from hostsvc.status import EfiError
 from vmrun import pe as PE
-from vmrun.errors import VmrunError
+from vmrun.errors import RunTimeout, VmrunError
 
 log = structlog.get_logger("hostsvc.boot_services")
 
@@ -406,7 +406,16 @@ class BootServices:
 
     @efiapi("Stall", ("microseconds", UINTN))
     def stall(self, microseconds):
+        machine = self.fw.machine
         end = time.monotonic() + microseconds / 1e6
+        if end > machine.deadline:
+            # Stall is a busy wait that nothing cuts short: the time limit would expire inside it
+            # (as in a payload that stalls forever after a fatal error), so it expires now
+            left = max(machine.deadline - time.monotonic(), 0.0)
+            caller = self.mem.read_u64(machine.vcpu.get_regs().rsp)  # the thunk's return address
+            raise RunTimeout(f"Stall({microseconds} µs) called from rip {caller:#x}{machine.describe_rip(caller)} "
+                             f"cannot return within the run's time limit of {machine.limits.timeout:g} s "
+                             f"({left:.1f} s left): the run ends now", rip=caller)
         while True:
             left = end - time.monotonic()
             if left <= 0:

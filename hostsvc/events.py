@@ -193,6 +193,10 @@ class Events:
         ds = [e.timer_deadline for e in self.events.values() if e.timer_deadline is not None]
         return min(ds) if ds else None
 
+    def interrupts_masked(self) -> bool:
+        """Interrupts are disabled at TPL_HIGH_LEVEL (UEFI 2.10 §7.1, TPL restrictions)."""
+        return self.tpl >= TPL_HIGH_LEVEL
+
     # --- waiting ----------------------------------------------------------------------------
     def check(self, handle: int) -> bool:
         """CheckEvent semantics: True (and cleared) when signaled; NOTIFY_SIGNAL → INVALID_PARAMETER."""

@@ -5,8 +5,9 @@ forwards it, and :class:`Emulator` decodes the instruction (iced-x86) at the fau
 The defined set is emulated and the saved RIP advanced past it:
 
 * ``mov`` to/from CR0, CR2, CR3, CR4, CR8 (CR0/CR4 writes must keep long mode: PE, PG, PAE);
-* ``cli``/``sti`` (a virtual IF; nothing interrupts the payload anyway), ``hlt`` (a pause),
-  ``wbinvd``/``invd``, ``invlpg`` (flushes the TLB);
+* ``cli``/``sti`` (a virtual IF: no interrupt is delivered to the payload, but it decides
+  whether a ``hlt`` can ever end), ``hlt`` (waits for the next interrupt, see
+  :meth:`Emulator.halt`), ``wbinvd``/``invd``, ``invlpg`` (flushes the TLB);
 * ``rdmsr``/``wrmsr`` of :data:`MSR_READ_ALLOW` / :data:`MSR_WRITE_ALLOW`;
 * ``in``/``out`` (also ``ins``/``outs``) to the ports registered on the :class:`PortBus`
   (i8254 0x40-0x43 and 0x61, CMOS 0x70-0x71, POST 0x80, 16550 UART 0x3f8-0x3ff).
@@ -17,11 +18,14 @@ the instruction bytes and their disassembly.
 
 from __future__ import annotations
 
+import time
+from typing import Protocol
+
 import iced_x86 as X
 
 from vmrun import layout as L
 from vmrun.devices import PortBus
-from vmrun.errors import GuestMemoryError, PayloadFault
+from vmrun.errors import GuestMemoryError, PayloadFault, PayloadHalted
 from vmrun.kvm import abi
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
@@ -78,9 +82,22 @@ def translate(mem, cr3: int, va: int) -> int:
     return table + (va & 0xFFF)
 
 
+# The firmware's timer tick: an interrupt ends a hlt with interrupts enabled at the latest then.
+TIMER_TICK_S = 0.01
+
+
+class InterruptSource(Protocol):
+    """What can interrupt a halted payload: the firmware's timer (its timer events)."""
+
+    def next_deadline(self) -> float | None: ...   # time.monotonic() of the next timer event
+
+    def interrupts_masked(self) -> bool: ...       # the firmware has interrupts off (TPL_HIGH_LEVEL)
+
+
 class Emulator:
-    def __init__(self, ports: PortBus) -> None:
+    def __init__(self, ports: PortBus, interrupts: InterruptSource | None = None) -> None:
         self.ports = ports
+        self.interrupts = interrupts
         self.virtual_if = True
         self.cr8 = 0
         self.counts: dict[str, int] = {}
@@ -172,7 +189,7 @@ class Emulator:
             return True
         if m == X.Mnemonic.HLT:
             self._count("hlt")
-            machine.check_deadline()
+            self.halt(machine, frame)
             return True
         if m in (X.Mnemonic.WBINVD, X.Mnemonic.INVD):
             self._count(m == X.Mnemonic.WBINVD and "wbinvd" or "invd")
@@ -191,6 +208,31 @@ class Emulator:
                  X.Mnemonic.OUTSB, X.Mnemonic.OUTSW, X.Mnemonic.OUTSD):
             return self._string_io(machine, ins, regs, sregs)
         return False
+
+    def halt(self, machine, frame) -> None:
+        """``hlt``: the vCPU sleeps until the next interrupt.
+
+        With interrupts enabled (virtual IF set, firmware below TPL_HIGH_LEVEL) the firmware's
+        timer interrupt comes within one tick, or sooner when a timer event is due: the payload
+        resumes after the ``hlt`` then (timer events are checked at its next service call). A
+        payload that halts in a loop with interrupts enabled therefore runs until the time limit.
+        With interrupts disabled no interrupt can arrive, so the vCPU never resumes: the run ends
+        at once (:class:`PayloadHalted`), whatever timer events are pending.
+        """
+        masked = self.interrupts is not None and self.interrupts.interrupts_masked()
+        if not self.virtual_if or masked:
+            how = "cli" if not self.virtual_if else "TPL_HIGH_LEVEL"
+            raise PayloadHalted(f"payload halted with interrupts disabled ({how}) at rip {frame.rip:#x}"
+                                f"{machine.describe_rip(frame.rip)}: nothing can resume it", rip=frame.rip)
+        now = time.monotonic()
+        wake = now + TIMER_TICK_S
+        due = self.interrupts.next_deadline() if self.interrupts is not None else None
+        if due is not None:
+            wake = min(wake, due)
+        wake = min(wake, machine.deadline)
+        if wake > now:
+            time.sleep(wake - now)
+        machine.check_deadline()
 
     def _write_cr(self, machine, frame, sregs, cr: int, value: int) -> None:
         if cr == 0:

@@ -115,6 +115,13 @@ class PayloadReset(VmrunError):
     kind = "reset"
 
 
+class PayloadHalted(VmrunError):
+    """The payload halted the vCPU for good: ``hlt`` with interrupts disabled, which nothing
+    can ever resume."""
+    exit_code = 25
+    kind = "halted"
+
+
 # outcome of a run → the exit code of `vmrun run`
 OUTCOME_EXIT_CODES = {
     "exit_boot_services": 0,
@@ -123,4 +130,5 @@ OUTCOME_EXIT_CODES = {
     "memory_cap": MemoryCapExceeded.exit_code,
     "payload_returned": PayloadReturned.exit_code,
     "reset": PayloadReset.exit_code,
+    "halted": PayloadHalted.exit_code,
 }

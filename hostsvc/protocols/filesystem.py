@@ -20,6 +20,10 @@ swapped in after the check cannot redirect the access either.
 
 Read-only by default: Open for write, Write, Flush, SetInfo → EFI_WRITE_PROTECTED, Delete →
 EFI_WARN_DELETE_FAILURE (the only failure Delete may return, §13.5.4).
+
+Backed by no folder (``root=None``, :func:`empty_volume_hook`), the same volume is empty and
+read-only: the device a payload started without ``--esp`` was loaded from, since firmware
+always loads an image from some device.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ import errno
 import os
 import stat
 import struct
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import structlog
 
@@ -63,6 +69,8 @@ FS_INFO_HEADER = 36          # SIZE_OF_EFI_FILE_SYSTEM_INFO: offsetof(.., Volume
 BLOCK_SIZE = 512
 CLUSTER = 4096
 PARTITION_START = 0x800      # LBA of partition 1, as a GPT disk from sgdisk/parted has it
+# the partition GUID of the volume backed by no folder (stable, so runs are reproducible)
+EMPTY_VOLUME_PARTUUID = uuid.uuid5(uuid.NAMESPACE_URL, "urn:vmrun:empty-volume")
 MAX_NAME = 255               # FAT long file name limit
 INVALID_NAME_CHARS = set('"*/:<>?\\|')   # EDK2 FatFileNameIsValid (and control characters)
 EFI_TIME_FMT = "<HBBBBBxIhBx"
@@ -170,9 +178,10 @@ def resolve(root: Path | str, cwd: tuple[str, ...], name: str, *, create: bool =
     A leading ``\\`` starts at the volume root; ``.`` and ``..`` are handled on the volume path,
     never on the host (``..`` at the root → Refused(ACCESS_DENIED)). Each component is looked up
     case-insensitively and checked with :func:`classify`. With ``create`` a missing last
-    component yields kind "missing" instead of NOT_FOUND.
+    component yields kind "missing" instead of NOT_FOUND. ``root`` None is a volume backed by no
+    folder: its root directory is empty.
     """
-    real_root = os.path.realpath(root)
+    real_root = os.path.realpath(root) if root is not None else None
     if name == "":
         raise EfiError(S.INVALID_PARAMETER, "empty file name")
     dir_intended = name.endswith("\\")
@@ -195,8 +204,8 @@ def resolve(root: Path | str, cwd: tuple[str, ...], name: str, *, create: bool =
             raise EfiError(S.INVALID_PARAMETER, f"invalid FAT file name {comp!r}")
         if kind != "dir":
             raise EfiError(S.NOT_FOUND, f"{efi_path_text(parts)} is not a directory")
-        directory = Path(real_root, *rel)
-        found = lookup(directory, comp)
+        directory = Path(real_root, *rel) if real_root is not None else None
+        found = lookup(directory, comp) if directory is not None else None
         if found is None:
             if create and i == len(comps) - 1:
                 return Resolved(tuple(parts) + (comp,), rel + (comp,), "missing")
@@ -323,18 +332,23 @@ class OpenFile:
 
 class EspVolume:
     """A host folder as a FAT EFI System Partition. ``fw`` may be None until :meth:`hook`'s
-    callable runs (it binds the Firmware it is given)."""
+    callable runs (it binds the Firmware it is given). ``root`` None: an empty read-only volume
+    backed by no folder."""
 
-    def __init__(self, fw, root: Path | str, *, writable: bool = False, label: str = "ESP",
+    def __init__(self, fw, root: Path | str | None, *, writable: bool = False, label: str = "ESP",
                  partuuid: uuid.UUID | None = None):
         self.fw = fw
-        self.root = Path(root)
-        if not self.root.is_dir():
+        self.root = Path(root) if root is not None else None
+        if self.root is not None and not self.root.is_dir():
             raise NotADirectoryError(f"ESP folder {root} is not a directory")
-        self.real_root = os.path.realpath(self.root)
+        if self.root is None and writable:
+            raise ValueError("a volume backed by no folder is read-only")
+        self.real_root = os.path.realpath(self.root) if self.root is not None else None
         self.writable = writable
         self.label = label
-        self.partuuid = partuuid or default_partuuid(self.root)
+        self.partuuid = partuuid or (default_partuuid(self.root) if self.root is not None
+                                     else EMPTY_VOLUME_PARTUUID)
+        self.created_ns = time.time_ns()   # the empty volume's root directory times
         self.files: dict[int, OpenFile] = {}
         self.handle = 0
         self.sfs_iface = 0
@@ -348,7 +362,7 @@ class EspVolume:
                 DP.hard_drive(1, PARTITION_START, sectors, self.partuuid)]
 
     def _volume_size(self) -> tuple[int, int]:
-        used = used_bytes(self.real_root)
+        used = used_bytes(self.real_root) if self.real_root is not None else CLUSTER
         if self.writable:
             vfs = os.statvfs(self.real_root)
             free = vfs.f_bavail * vfs.f_frsize
@@ -379,7 +393,7 @@ class EspVolume:
     def efi_path_of(self, host_path: Path | str) -> str:
         """``\\EFI\\Linux\\uki.efi`` for a host file inside the folder (ValueError otherwise)."""
         real = os.path.realpath(host_path)
-        if not within(real, self.real_root):
+        if self.real_root is None or not within(real, self.real_root):
             raise ValueError(f"{host_path} is not inside the ESP folder {self.root}")
         return efi_path_text(Path(real).relative_to(self.real_root).parts)
 
@@ -467,6 +481,10 @@ class EspVolume:
         return fd
 
     def _stat(self, of: OpenFile) -> os.stat_result:
+        if self.real_root is None:  # the empty volume's root directory
+            t = self.created_ns
+            return SimpleNamespace(st_mode=stat.S_IFDIR | 0o555, st_size=0, st_atime_ns=t, st_mtime_ns=t,
+                                   st_ctime_ns=t)
         fd = self._open_fd(of.rel, of.efi_path)
         try:
             return os.fstat(fd)
@@ -475,6 +493,8 @@ class EspVolume:
 
     def _entries(self, of: OpenFile) -> list[str]:
         """The directory's entries the guest may see, sorted (snapshot until rewound)."""
+        if of.entries is None and self.real_root is None:
+            of.entries = []
         if of.entries is None:
             fd = self._open_fd(of.rel, of.efi_path)
             try:
@@ -542,11 +562,9 @@ class EspVolume:
                                f"{name!r} names a directory; create one with EFI_FILE_DIRECTORY")
             self._create(r, bool(attributes & ATTR_DIRECTORY))
             r = self._resolve((), r.efi_path)
-        if write and r.kind == "file":
-            fd = self._open_fd(r.rel, r.efi_path, os.O_RDWR)
-        else:
-            fd = self._open_fd(r.rel, r.efi_path)
-        os.close(fd)
+        if self.real_root is not None:  # an empty volume has only its root, which always opens
+            fd = self._open_fd(r.rel, r.efi_path, os.O_RDWR if write and r.kind == "file" else os.O_RDONLY)
+            os.close(fd)
         self.mem.write_u64(new_handle, self._new_file(OpenFile(r.parts, r.rel, r.kind == "dir", write)))
         log.debug("esp.open", path=r.efi_path, mode=hex(open_mode))
 
@@ -755,6 +773,13 @@ def esp_hook(root: Path | str, payload: Path | str, esp_path: str | None = None,
     return EspVolume(None, root, writable=writable, label=label, partuuid=partuuid).hook(payload, esp_path)
 
 
+def empty_volume_hook(payload: Path | str, esp_path: str | None = None, *, partuuid: uuid.UUID | None = None):
+    """``RunOptions.hooks`` callable: an empty read-only volume (backed by no folder) as the
+    device the payload was loaded from, the payload at ``esp_path`` (default
+    ``\\EFI\\Linux\\<name>``) on it."""
+    return EspVolume(None, None, partuuid=partuuid).hook(payload, esp_path)
+
+
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
     out = bytearray()
     while len(out) < n:
@@ -773,6 +798,6 @@ def _os_error(e: OSError, path: str) -> EfiError:
     return EfiError(status, f"{path}: {e.strerror}")
 
 
-__all__ = ["EspVolume", "esp_hook", "resolve", "classify", "lookup", "open_beneath", "Refused", "Resolved",
-           "encode_file_info", "file_info_from_stat", "encode_fs_info", "efi_time", "parse_efi_time",
+__all__ = ["EspVolume", "esp_hook", "empty_volume_hook", "EMPTY_VOLUME_PARTUUID", "resolve", "classify", "lookup",
+           "open_beneath", "Refused", "Resolved", "encode_file_info", "file_info_from_stat", "encode_fs_info", "efi_time", "parse_efi_time",
            "default_partuuid", "normalize_esp_path"]

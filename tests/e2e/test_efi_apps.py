@@ -5,9 +5,11 @@ lines and `DONE <n> passed, <m> failed`; the same apps pass under Debian's OVMF 
 tests/efi/README.md and test_efi_apps_ovmf.py), which makes OVMF the reference.
 """
 
+import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,6 +42,9 @@ def test_service_family(apps, family):
     assert r.unimplemented == {}, f"{family} used services vmrun does not implement: {r.unimplemented}"
     if family == "image":  # vmrun passes --cmdline as LoadOptions: the check must run, not skip
         assert "ok image-load-options" in oks and "ok image-load-options-skipped" not in oks
+        # no --esp: the image still comes from a device, with a file system that opens
+        assert {"ok loaded-image-device-handle", "ok loaded-image-device-sfs", "ok loaded-image-open-volume",
+                "ok loaded-image-device-path-hd", "ok loaded-image-file-path-node"} <= set(oks)
 
 
 def _checks(console: str) -> set[str]:
@@ -47,7 +52,8 @@ def _checks(console: str) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["memory", "protocols", "events", "misc", "console", "variables"])
+@pytest.mark.parametrize("family", ["memory", "protocols", "events", "misc", "console", "variables", "image",
+                                    "halt"])
 def test_same_checks_pass_under_ovmf(apps, family):
     """Real firmware as the reference: under Debian's OVMF (QEMU/TCG) the app runs the same
     checks and all pass, so the checks are the spec's behaviour, not vmrun's."""
@@ -70,6 +76,54 @@ def test_spinning_app_times_out(apps):
     assert r.outcome == "timeout"
     assert "spinning" in r.console
     assert "time limit of 2 s" in r.error["message"] and "spin.efi+0x" in r.error["message"]
+
+
+def test_hlt_with_interrupts_enabled_pauses_until_a_timer_event(apps):
+    """halt.efi halts in a loop until its 100 ms timer event fires (it does under OVMF too)."""
+    r = run_payload(apps / "halt.efi", RunOptions(timeout=30))
+    console = r.console.replace("\r", "")
+    assert r.outcome == "payload_returned" and r.exit_status == 0, (r.error, console)
+    assert DONE.findall(console)[-1] == ("5", "0"), console
+    assert "ok halt-timer-fired" in console and r.emulated["hlt"] >= 1
+
+
+@pytest.mark.parametrize("mode,banner", [("cli", "halting: cli; hlt"), ("tpl", "halting at TPL_HIGH_LEVEL")])
+def test_halted_app_ends_at_once(apps, mode, banner):
+    r = run_payload(apps / "halt.efi", RunOptions(cmdline=mode, timeout=60))
+    assert r.outcome == "halted", r.error
+    assert r.seconds < 5
+    msg = r.error["message"]
+    assert "halt.efi+0x" in msg and "interrupts disabled" in msg and msg.endswith(f"last console line: {banner!r}")
+
+
+def test_halted_app_exit_code_with_a_long_time_limit(apps):
+    from vmrun import errors as E
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "vmrun.cli", "-q", "run", str(apps / "halt.efi"), "--cmdline", "cli",
+                        "--timeout", "60", "--json"], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 10
+    assert p.returncode == E.PayloadHalted.exit_code == 25, p.stderr
+    assert "Traceback" not in p.stderr
+    d = json.loads(p.stdout)
+    assert d["outcome"] == "halted" and d["error"]["kind"] == "halted"
+    assert "halting: cli; hlt" in d["error"]["message"] and d["emulated"] == {"cli": 1, "hlt": 1}
+
+
+def test_hlt_loop_with_interrupts_enabled_is_no_halt(apps):
+    r = run_payload(apps / "halt.efi", RunOptions(cmdline="sti", timeout=1))
+    assert r.outcome == "timeout", r.error
+    assert "halting with interrupts enabled" in r.error["message"]
+
+
+def test_endless_stall_loop_ends_as_a_timeout_at_once(apps):
+    """A payload that stalls forever after a fatal error (Stall(60 s) in a loop) cannot get past
+    the time limit: the run ends when the first Stall is asked to wait beyond it."""
+    r = run_payload(apps / "halt.efi", RunOptions(cmdline="stall", timeout=60))
+    assert r.outcome == "timeout", r.error
+    assert r.seconds < 5
+    msg = r.error["message"]
+    assert "Stall(60000000 µs)" in msg and "halt.efi+0x" in msg and "time limit of 60 s" in msg
+    assert msg.endswith("last console line: 'stalling forever'")
 
 
 def test_privileged_app_is_a_payload_fault(apps):

@@ -128,7 +128,8 @@ def test_payload_outside_esp_gets_esp_path(esp, tmp_path):
 
 
 def test_without_volume_the_app_fails(esp):
-    """No hook: no DeviceHandle, so the app must report failures rather than pass vacuously."""
+    """No folder: the app is loaded from an empty volume, so it must report failures rather than
+    pass vacuously."""
     _root, app = esp
     r, _ = _run(app, [])
     console = r.console.replace("\r", "")

@@ -1,9 +1,10 @@
 """systemd-stub UKIs (Debian's 252 and 257 stubs around the bookworm kernel) in vmrun, with an
-ESP folder: they reach ExitBootServices through nested LoadImage/StartImage, the kernel gets the
+ESP folder (and without one): they reach ExitBootServices through nested LoadImage/StartImage, the kernel gets the
 UKI's command line and initrd, sidecars (addon, credential) take effect, and PCR 11 equals
 systemd-measure's prediction (252; for 257, see test_ovmf_tpm_reference.py against OVMF+swtpm)."""
 
 import subprocess
+import uuid
 
 import pytest
 
@@ -79,6 +80,28 @@ def test_pcr11_events_are_the_stubs_documented_ones(esp):
         assert names == [n for n in sections for _ in (0, 1)]  # name event, then contents event
         replayed = T.replay(T.parse(r.event_log), ("sha256",))["sha256"][11].hex()
         assert replayed == r.pcrs["sha256"]["11"]
+    finally:
+        r.machine.close()
+
+
+@pytest.mark.parametrize("version", ["252", "257"])
+def test_uki_without_esp_is_loaded_from_a_device(version, tmp_path, payload_cache, bookworm_kernel, test_initrd):
+    """Without an ESP folder the image still comes from a device (firmware always has one): the
+    stub reaches ExitBootServices and reports that device's partition GUID and its own path,
+    which it reads from LoadedImage.DeviceHandle's HD() node and LoadedImage.FilePath."""
+    stub = payload_cache / "stubs" / version / "linuxx64.efi.stub"
+    uki = build_uki(stub, tmp_path / "uki.efi", linux=bookworm_kernel, initrd=test_initrd, cmdline=CMDLINE)
+    part = "6b3c1d2e-0f4a-4b5c-9d8e-7f6a5b4c3d2e"
+    r = run_payload(uki, RunOptions(esp_partuuid=uuid.UUID(part), timeout=60), keep=True)
+    try:
+        assert r.outcome == "exit_boot_services", r.error
+        assert r.linux["cmdline"] == CMDLINE
+        v = {x["name"]: x for x in r.variables}
+        assert v["LoaderDevicePartUUID"]["text"].lower() == part
+        assert v["LoaderImageIdentifier"]["text"] == "\\EFI\\Linux\\uki.efi"
+        if version == "257":
+            assert v["StubDevicePartUUID"]["text"].lower() == part
+        assert r.unimplemented == {}
     finally:
         r.machine.close()
 

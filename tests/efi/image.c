@@ -2,6 +2,10 @@
  * image: EFI_LOADED_IMAGE_PROTOCOL (UEFI 2.10 section 9.1), the loaded-image device path
  * (9.2), base relocations, LoadOptions, and EFI_RNG_PROTOCOL (37.5).
  *
+ * The device the image was loaded from: DeviceHandle is set, carries a device path ending in
+ * a Hard Drive node (10.3.5.1) and EFI_SIMPLE_FILE_SYSTEM_PROTOCOL (13.4) whose OpenVolume
+ * opens the root directory; FilePath starts with a File Path node (10.3.5.4).
+ *
  * LoadOptions: vmrun passes the kernel command line as UTF-16 (the test uses
  * --cmdline "vmrun-test-options 123").  Under a boot manager that passes no text
  * (OVMF's default boot of EFI/BOOT/BOOTX64.EFI passes no options or binary data), the
@@ -12,6 +16,19 @@
 static EFI_GUID li_guid = EFI_LOADED_IMAGE_PROTOCOL_GUID;
 static EFI_GUID lidp_guid = EFI_LOADED_IMAGE_DEVICE_PATH_PROTOCOL_GUID;
 static EFI_GUID rng_guid = EFI_RNG_PROTOCOL_GUID;
+static EFI_GUID dp_guid = EFI_DEVICE_PATH_PROTOCOL_GUID;
+static EFI_GUID sfs_guid = {0x964e5b22, 0x6459, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}};
+
+/* 13.4 / 13.5, only the members used here (not in include/efi.h) */
+typedef struct _FILE_ROOT {
+    UINT64 Revision;
+    VOID *Open;
+    EFI_STATUS (EFIAPI *Close)(struct _FILE_ROOT *This);
+} FILE_ROOT;
+typedef struct _SIMPLE_FILE_SYSTEM {
+    UINT64 Revision;
+    EFI_STATUS (EFIAPI *OpenVolume)(struct _SIMPLE_FILE_SYSTEM *This, FILE_ROOT **Root);
+} SIMPLE_FILE_SYSTEM;
 static EFI_GUID bogus_alg = {0x0badc0de, 0x1111, 0x2222, {0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa}};
 
 static const CHAR16 expected_options[] = L"vmrun-test-options 123";
@@ -107,6 +124,36 @@ static void test_loaded_image(void)
     }
 }
 
+static void test_device(void)
+{
+    EFI_LOADED_IMAGE_PROTOCOL *li = NULL;
+    if (gBS->HandleProtocol(gImage, &li_guid, (VOID **)&li) != EFI_SUCCESS || li == NULL)
+        return;   /* reported by test_loaded_image */
+    EFI_DEVICE_PATH_PROTOCOL *fp = li->FilePath;
+    CHECK("loaded-image-file-path-node", fp != NULL && fp->Type == 4 && fp->SubType == 4);
+    if (!CHECK("loaded-image-device-handle", li->DeviceHandle != NULL))
+        return;
+
+    EFI_DEVICE_PATH_PROTOCOL *dp = NULL, *last = NULL;
+    EFI_STATUS st = gBS->HandleProtocol(li->DeviceHandle, &dp_guid, (VOID **)&dp);
+    if (CHECK_ST("loaded-image-device-path-protocol", st, EFI_SUCCESS) && dp) {
+        for (int i = 0; i < 32 && !dp_is_end(dp) && dp_node_len(dp) >= 4; i++) {
+            last = dp;
+            dp = dp_next(dp);
+        }
+        CHECK("loaded-image-device-path-hd", last != NULL && last->Type == 4 && last->SubType == 1);
+    }
+
+    SIMPLE_FILE_SYSTEM *sfs = NULL;
+    st = gBS->HandleProtocol(li->DeviceHandle, &sfs_guid, (VOID **)&sfs);
+    if (!CHECK("loaded-image-device-sfs", st == EFI_SUCCESS && sfs != NULL))
+        return;
+    FILE_ROOT *root = NULL;
+    st = sfs->OpenVolume(sfs, &root);
+    if (CHECK("loaded-image-open-volume", st == EFI_SUCCESS && root != NULL))
+        CHECK_ST("loaded-image-volume-close", root->Close(root), EFI_SUCCESS);
+}
+
 static void test_device_path(void)
 {
     EFI_DEVICE_PATH_PROTOCOL *dp = NULL;
@@ -166,6 +213,7 @@ EFI_STATUS EFIAPI efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *st)
     lib_init(image, st);
     say("image: loaded image, device path, load options, RNG\n");
     test_loaded_image();
+    test_device();
     test_device_path();
     test_rng();
     return finish();

@@ -2,13 +2,15 @@
 privileged-instruction emulation, port I/O devices, and every way a payload can fail."""
 
 import struct
+import time
 
 import pytest
 
+from hostsvc.events import EVT_TIMER, TIMER_RELATIVE, TPL_HIGH_LEVEL, Events
 from vmrun import layout as L
 from vmrun.devices import standard_bus
 from vmrun.emulate import Emulator
-from vmrun.errors import PayloadFault, RunTimeout
+from vmrun.errors import PayloadFault, PayloadHalted, RunTimeout
 from vmrun.machine import Machine, RunLimits
 
 pytestmark = pytest.mark.kvm
@@ -196,3 +198,66 @@ def test_stack_alignment_at_entry_follows_the_ms_x64_abi(vm):
              + b"\x90" * 1                         # nop (padding)
              + struct.pack("<Q", vm.fw.thunk(2)))
     assert (run(vm, outer, at=CODE + 0x800) + 8) % 16 == 0
+
+
+# --- hlt: waits for an interrupt; with interrupts disabled none can come ------------------------
+
+def timer_events(vm, due_in_100ns: int | None) -> Events:
+    """The firmware's event database as the vCPU's interrupt source, one timer armed."""
+    handles = iter(range(0x9000, 0x10000, 16))
+    ev = Events(call_notify=lambda *a: None, new_handle=lambda: next(handles), free_handle=lambda h: None)
+    if due_in_100ns is not None:
+        ev.set_timer(ev.create(EVT_TIMER, 0, 0, 0), TIMER_RELATIVE, due_in_100ns)
+    vm.emulator.interrupts = ev
+    return ev
+
+
+HALT_FOREVER = (bytes.fromhex("fa")                # cli
+                + bytes.fromhex("f4")              # hlt
+                + bytes.fromhex("ebfc"))           # jmp back to cli (never reached on hardware)
+
+
+def test_cli_hlt_ends_the_run_at_once(vm):
+    vm.limits.timeout = 60
+    vm.start_watchdog()
+    t0 = time.monotonic()
+    with pytest.raises(PayloadHalted) as e:
+        run(vm, HALT_FOREVER)
+    assert time.monotonic() - t0 < 2
+    assert e.value.kind == "halted" and e.value.exit_code == 25
+    assert "interrupts disabled" in str(e.value) and f"rip {CODE + 1:#x}" in str(e.value)   # the hlt
+
+
+def test_cli_hlt_halts_even_with_a_timer_pending(vm):
+    # a masked interrupt never wakes a halted CPU: the timer event cannot help
+    timer_events(vm, 100_000)                      # due in 10 ms
+    with pytest.raises(PayloadHalted):
+        run(vm, HALT_FOREVER)
+
+
+def test_hlt_at_tpl_high_level_halts(vm):
+    # UEFI 2.10 §7.1: interrupts are disabled at TPL_HIGH_LEVEL
+    ev = timer_events(vm, 100_000)
+    ev.raise_tpl(TPL_HIGH_LEVEL)
+    with pytest.raises(PayloadHalted, match="TPL_HIGH_LEVEL"):
+        run(vm, bytes.fromhex("fb") + bytes.fromhex("f4") + bytes.fromhex("c3"))   # sti; hlt; ret
+
+
+def test_sti_hlt_with_a_timer_pending_is_a_pause(vm):
+    timer_events(vm, 300_000)                      # due in 30 ms
+    code = (bytes.fromhex("fb")                    # sti
+            + bytes.fromhex("f4")                  # hlt (resumes at the next interrupt)
+            + bytes.fromhex("f4")                  # hlt
+            + bytes.fromhex("b807000000")          # mov eax, 7
+            + bytes.fromhex("c3"))                 # ret
+    assert run(vm, code) == 7
+    assert vm.emulator.counts["hlt"] == 2
+
+
+def test_sti_hlt_loop_runs_until_the_time_limit(vm):
+    # interrupts enabled: the firmware's timer tick resumes every hlt, so a hlt loop is no halt
+    vm.limits.timeout = 1.0
+    vm.start_watchdog()
+    with pytest.raises(RunTimeout, match="time limit of 1 s"):
+        run(vm, bytes.fromhex("fb") + bytes.fromhex("f4") + bytes.fromhex("ebfd"))   # sti; hlt; jmp hlt
+    assert vm.emulator.counts["hlt"] > 1

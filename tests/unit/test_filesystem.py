@@ -438,3 +438,37 @@ def test_writable_volume(tree, tmp_path):
         assert status_of(g.open, root, "\\new\\", rw | F.MODE_CREATE) == S.INVALID_PARAMETER
     finally:
         g.close()
+
+
+def test_volume_backed_by_no_folder_is_empty_and_read_only():
+    """The device of a payload run without --esp: an HD() partition whose root directory is
+    empty (a directory read at its end returns BufferSize 0, §13.5.5) and that refuses writes
+    with EFI_WRITE_PROTECTED (§13.5.2)."""
+    g = Guest(None)
+    try:
+        fw, vol = g.fw, g.vol
+        text = DP.to_text(fw.mem.read(fw.installed[0][1], 12 + 6 + 42 + 4))
+        assert text == f"PciRoot(0x0)/Pci(0x1,0x1)/HD(1,GPT,{F.EMPTY_VOLUME_PARTUUID},0x800,0x1000)"   # 2 MiB
+        root = g.open_volume()
+        assert g.read(root, 0x1000) == b""
+        info = g.info(root, G.FILE_INFO)
+        attribute = struct.unpack_from("<Q", info, 72)[0]
+        assert attribute == F.ATTR_DIRECTORY | F.ATTR_READ_ONLY and info[80:] == b"\0\0"
+        fs = g.info(root, G.FILE_SYSTEM_INFO)
+        assert struct.unpack_from("<QBxxxxxxxQQI", fs) == (len(fs), 1, 2 << 20, 0, 512)
+        for name in ("\\EFI", "hello.txt", "\\EFI\\Linux\\uki.efi", "\\loader\\credentials\\"):
+            assert status_of(g.open, root, name) == S.NOT_FOUND, name
+        again = g.open(root, "\\.")
+        assert again != root and g.read(again, 0x1000) == b""
+        assert status_of(g.open, root, "..") == S.ACCESS_DENIED
+        for mode in (F.MODE_READ | F.MODE_WRITE, F.MODE_READ | F.MODE_WRITE | F.MODE_CREATE):
+            assert status_of(g.open, root, "\\new.txt", mode) == S.WRITE_PROTECTED
+        assert status_of(g.vol.flush, this=root) == S.WRITE_PROTECTED
+        assert g.vol.delete(this=again) == S.WARN_DELETE_FAILURE
+        assert status_of(vol.read_file, "\\EFI\\Linux\\uki.efi") == S.NOT_FOUND
+        assert vol.payload_efi_path("/somewhere/uki.efi") == "\\EFI\\Linux\\uki.efi"
+        assert vol.payload_efi_path("/somewhere/uki.efi", "EFI/BOOT/BOOTX64.EFI") == "\\EFI\\BOOT\\BOOTX64.EFI"
+    finally:
+        g.close()
+    with pytest.raises(ValueError):
+        F.EspVolume(None, None, writable=True)
