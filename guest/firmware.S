@@ -3,14 +3,15 @@
  *
  * Assembled position-independent at offset 0; the host copies the flat binary to a page of
  * EfiBootServicesCode and adds the load address to the exported symbol offsets
- * (guest/firmware.sym.json). Port numbers must match vmrun/layout.py (checked by a test).
+ * (guest/firmware.sym.json). Port numbers must match vmrun/vm/layout.py (checked by a test).
  *
  * Service thunk i (the payload calls it at CPL 3):
  *     mov    $i, %eax           ; service id (RAX is volatile in the MS x64 ABI)
  *     movabs %eax, HCALL_SVC    ; write to an unbacked guest-physical page: an MMIO exit to the
  *     ret                       ;   host, which reads rcx/rdx/r8/r9/stack and sets rax
  * Each thunk is 16 bytes, so thunk i is at svc_thunks + 16*i. (Port I/O is no hypercall from
- * CPL 3 here: PVM runs CPL-3 code with IOPL 0, so `out` raises #GP; FACTS.md.)
+ * CPL 3 here: this host's nested KVM (PVM) runs CPL-3 code with IOPL 0, so `out` raises #GP
+ * even with RFLAGS.IOPL=3, as the UART tests in tests/kvm/test_machine.py show.)
  * The ring-0 monitor uses `out`, which works at CPL 0.
  */
         .set HCALL_SVC, 0xFFE00000

@@ -23,8 +23,8 @@ from hostsvc.handles import AlreadyStartedError
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION
 from hostsvc.status import EfiError
-from vmrun import pe as PE
 from vmrun.errors import RunTimeout, VmrunError
+from vmrun.formats import pe as PE
 
 log = structlog.get_logger("hostsvc.boot_services")
 
@@ -123,7 +123,7 @@ class BootServices:
                 if hit:
                     self.mem.write_u64(index, i)
                     return
-            self.fw.machine.check_deadline()
+            self.fw.port.check_deadline()
             nxt = ev.next_deadline()
             delay = 0.01 if nxt is None else min(max(nxt - time.monotonic(), 0), 0.01)
             time.sleep(delay)
@@ -406,21 +406,21 @@ class BootServices:
 
     @efiapi("Stall", ("microseconds", UINTN))
     def stall(self, microseconds):
-        machine = self.fw.machine
+        port = self.fw.port
         end = time.monotonic() + microseconds / 1e6
-        if end > machine.deadline:
+        if end > port.deadline:
             # Stall is a busy wait that nothing cuts short: the time limit would expire inside it
             # (as in a payload that stalls forever after a fatal error), so it expires now
-            left = max(machine.deadline - time.monotonic(), 0.0)
-            caller = self.mem.read_u64(machine.vcpu.get_regs().rsp)  # the thunk's return address
-            raise RunTimeout(f"Stall({microseconds} µs) called from rip {caller:#x}{machine.describe_rip(caller)} "
-                             f"cannot return within the run's time limit of {machine.limits.timeout:g} s "
+            left = max(port.deadline - time.monotonic(), 0.0)
+            caller = self.mem.read_u64(port.stack_pointer())  # the thunk's return address
+            raise RunTimeout(f"Stall({microseconds} µs) called from rip {caller:#x}{port.describe_rip(caller)} "
+                             f"cannot return within the run's time limit of {port.timeout:g} s "
                              f"({left:.1f} s left): the run ends now", rip=caller)
         while True:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            self.fw.machine.check_deadline()
+            self.fw.port.check_deadline()
             time.sleep(min(left, 0.05))
 
     @efiapi("CopyMem", ("destination", OPTPTR), ("source", OPTPTR), ("length", UINTN))

@@ -2,7 +2,7 @@
 
 A service is a Python callable declared with :func:`efiapi`: its name as the spec has it and its
 parameters with their MS-x64 types. The :class:`ServiceTable` gives each registered callable a
-thunk (``vmrun.machine.FirmwareArea.thunk``); a call through that thunk arrives here, where the
+thunk (``vmrun.vm.port.GuestPort.thunk``); a call through that thunk arrives here, where the
 arguments are read from RCX, RDX, R8, R9 and the stack, checked (a NULL where the spec requires
 a pointer → EFI_INVALID_PARAMETER), handed to the handler as Python values, traced, and the
 handler's result or :class:`hostsvc.status.EfiError` becomes RAX.

@@ -2,7 +2,7 @@
 
 There are no interrupts in the micro-VM: timers are checked against the host's monotonic clock
 whenever the payload enters a service (and while WaitForEvent/Stall wait), and notify
-functions run through ``Machine.call_guest`` at their TPL, in TPL order, as soon as the current
+functions run through ``GuestPort.call_guest`` at their TPL, in TPL order, as soon as the current
 TPL drops below it — the observable semantics the spec gives.
 """
 

@@ -25,8 +25,8 @@ from hostsvc.memmap import TargetMemoryMap
 from hostsvc.memory import AllocType, Allocator, MemType
 from hostsvc.status import EfiError
 from hostsvc.variables import VariableStore
-from vmrun import layout as L
-from vmrun.machine import Machine
+from vmrun.vm import layout as L
+from vmrun.vm.port import GuestPort
 
 log = structlog.get_logger("hostsvc.firmware")
 
@@ -65,9 +65,9 @@ class ConfigTables:
 
 
 class Firmware:
-    def __init__(self, machine: Machine, target: TargetMemoryMap, options: FirmwareOptions):
-        self.machine = machine
-        self.mem = machine.mem
+    def __init__(self, port: GuestPort, target: TargetMemoryMap, options: FirmwareOptions):
+        self.port = port
+        self.mem = port.mem
         self.target = target
         self.options = options
         self.alloc = Allocator(target, options.memory_cap)
@@ -82,11 +82,11 @@ class Firmware:
         self.volumes: dict[int, object] = {}  # SimpleFileSystem handle → volume (LoadImage by path)
         self.tcg2 = None
 
-        fw_size = Machine.firmware_area_size(machine.max_address)
+        fw_size = port.firmware_area_size()
         pages = (fw_size + L.PAGE_SIZE - 1) // L.PAGE_SIZE
         base = self.alloc.allocate_pages(AllocType.MaxAddress, MemType.BootServicesCode, pages,
                                          L.FIRMWARE_BELOW - 1, owner="firmware")
-        machine.install_firmware(base, pages * L.PAGE_SIZE)
+        port.install_firmware(base, pages * L.PAGE_SIZE)
         stack_pages = L.PAYLOAD_STACK_SIZE // L.PAGE_SIZE
         self.stack_base = self.alloc.allocate_pages(AllocType.MaxAddress, MemType.BootServicesData,
                                                     stack_pages, L.FIRMWARE_BELOW - 1, owner="firmware")
@@ -96,8 +96,8 @@ class Firmware:
                              free_handle=self._free_object)
         self.handles = HandleDB(new_handle=self._new_object, read_device_path=self._read_device_path,
                                 signal_event=self.events.signal, free_handle=self._free_object)
-        machine.service_handler = lambda m, sid, regs: self.table.dispatch(sid, regs)
-        machine.locate_rip = self.locate_rip
+        port.on_service_call(self.table.dispatch)
+        port.on_locate_rip(self.locate_rip)
 
     # --- guest objects ------------------------------------------------------------------------
     def pool(self, size: int, mem_type: int = MemType.BootServicesData) -> int:
@@ -143,14 +143,14 @@ class Firmware:
                   mem_type: int = MemType.BootServicesData) -> int:
         """A protocol interface struct: one thunk pointer per function name, then ``data``."""
         ids = self.table.register_all(group, obj, names)
-        raw = b"".join(struct.pack("<Q", self.machine.fw.thunk(i)) for i in ids) + data
+        raw = b"".join(struct.pack("<Q", self.port.thunk(i)) for i in ids) + data
         addr = self.pool(len(raw), mem_type)
         self.mem.write(addr, raw)
         return addr
 
     # --- calls back into the guest ----------------------------------------------------------
     def _call_notify(self, function: int, event: int, context: int) -> None:
-        self.machine.call_guest(function, (event, context))
+        self.port.call_guest(function, (event, context))
 
     def _before_call(self) -> None:
         self.events.poll_timers()
@@ -159,9 +159,9 @@ class Firmware:
         for img in self.images.values():
             if img.base <= rip < img.base + img.size:
                 return f" ({img.name}+{rip - img.base:#x})"
-        fw = self.machine.fw
-        if fw and fw.base <= rip < fw.base + fw.size:
-            return f" (vmrun firmware+{rip - fw.base:#x})"
+        span = self.port.firmware_span()
+        if span and span[0] <= rip < span[0] + span[1]:
+            return f" (vmrun firmware+{rip - span[0]:#x})"
         return ""
 
     # --- the system table -------------------------------------------------------------------

@@ -17,8 +17,7 @@ EDK2 ``MdeModulePkg/Core/Dxe/Hand/{Handle,Notify,Locate}.c``:
   (``ProtNotify->Position = &ProtEntry->Protocols`` "start at the beginning")
   a fresh registration will also hand out interfaces installed *before* it
   was made, one per LocateHandle(ByRegisterNotify)/LocateProtocol(Registration)
-  call; ``notify_existing=False`` makes it hand out only later installs (the
-  narrowest reading of "new for the registration" in §7.3 LocateHandle).
+  call.
   Installing or reinstalling the protocol signals every registered event via
   ``signal_event(event)``; events are signalled after the database is updated.
 
@@ -119,28 +118,18 @@ class HandleDB:
 
     def __init__(self, new_handle: Callable[[], int], read_device_path: Callable[[int], bytes],
                  signal_event: Callable[[int], None], *,
-                 free_handle: Callable[[int], None] | None = None,
-                 new_registration: Callable[[], int] | None = None,
-                 notify_existing: bool = True,
-                 firmware_agent: int | None = None):
+                 free_handle: Callable[[int], None] | None = None):
         """
         new_handle / free_handle: allocate / release the opaque handle value.
         read_device_path(ptr): the bytes of the device path at guest pointer ``ptr``
             (at least up to and including its End node).
         signal_event(event): SignalEvent for protocol-notify events.
-        new_registration: source of RegisterProtocolNotify keys (default 1, 2, ...).
-        notify_existing: see module docstring (EDK2 behaviour when True).
-        firmware_agent: if set, HandleProtocol records a BY_HANDLE_PROTOCOL open
-            entry under this agent handle, as EDK2 does with its core image handle.
         """
         self._new_handle = new_handle
         self._free_handle = free_handle
         self._read_dp = read_device_path
         self._signal = signal_event
-        counter = itertools.count(1)
-        self._new_reg = new_registration or (lambda: next(counter))
-        self._notify_existing = notify_existing
-        self._fw_agent = firmware_agent
+        self._reg_keys = itertools.count(1)           # RegisterProtocolNotify keys: 1, 2, ...
         self._handles: dict[int, dict[UUID, _Iface]] = {}       # creation order; protocols in install order
         self._by_guid: dict[UUID, list[_Iface]] = {}            # per protocol, ordered by seq
         self._regs: dict[int, _Registration] = {}
@@ -337,8 +326,6 @@ class HandleDB:
         rec = self._protos(handle).get(guid)
         if rec is None:
             raise EfiError(UNSUPPORTED, f"{handle:#x} has no {guid_name(guid)}")
-        if self._fw_agent:
-            self.open_protocol(handle, guid, self._fw_agent, 0, BY_HANDLE_PROTOCOL)
         return rec.interface
 
     def get_interface(self, handle: int, guid: UUID) -> int | None:
@@ -465,13 +452,9 @@ class HandleDB:
         guid = self._check_guid(guid)
         if not event:
             raise EfiError(INVALID_PARAMETER, "Event is NULL")
-        key = self._new_reg()
-        if not key or key in self._regs:
-            raise EfiError(OUT_OF_RESOURCES, f"unusable registration key {key!r}")
-        # EDK2 starts the cursor at the head of the protocol's list; otherwise
-        # start it past everything installed so far.
-        cursor = 0 if self._notify_existing else next(self._seq)
-        self._regs[key] = _Registration(key, guid, event, cursor)
+        key = next(self._reg_keys)
+        # EDK2 starts the cursor at the head of the protocol's list
+        self._regs[key] = _Registration(key, guid, event, 0)
         return key
 
     def unregister_event(self, event: int) -> int:

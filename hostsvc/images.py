@@ -14,9 +14,9 @@ from hostsvc import status as S
 from hostsvc.memory import AllocType, MemType
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.status import EfiError
-from vmrun import layout as L
-from vmrun import pe as PE
 from vmrun.errors import VmrunError
+from vmrun.formats import pe as PE
+from vmrun.vm import layout as L
 
 log = structlog.get_logger("hostsvc.images")
 
@@ -123,9 +123,9 @@ def start_image(fw, img: Image) -> int:
     if img.started:
         raise EfiError(S.INVALID_PARAMETER, f"{img.name} already started")
     img.started = True
-    top = fw.stack_top if fw.machine.call_depth == 0 else None
+    top = fw.stack_top if fw.port.call_depth == 0 else None
     try:
-        status = fw.machine.call_guest(img.entry, (img.handle, fw.system_table), stack_top=top)
+        status = fw.port.call_guest(img.entry, (img.handle, fw.system_table), stack_top=top)
     except ImageExit as e:
         if e.handle != img.handle:
             raise

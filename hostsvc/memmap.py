@@ -28,7 +28,7 @@ All three print inclusive end addresses; :class:`PhysRange` stores an exclusive 
 Anything unusable raises :class:`vmrun.errors.BadOptionError` naming the source and the line:
 an unparseable line, an empty map, overlapping ranges, a map without RAM, and a map that puts
 RAM in the x86 flash/reset-vector window [0xFFE00000, 0x100000000), which vmrun uses for its
-hypercall page (see ``vmrun.layout.HCALL_PAGE``).
+hypercall page (see ``vmrun.vm.layout.HCALL_PAGE``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ PAGE_SIZE = 0x1000
 _PAGE_MASK = PAGE_SIZE - 1
 _ADDR_LIMIT = 1 << 64
 
-#: RAM must not overlap this window: vmrun's hypercall page lives there (vmrun.layout.HCALL_PAGE).
+#: RAM must not overlap this window: vmrun's hypercall page lives there (vmrun.vm.layout.HCALL_PAGE).
 FLASH_WINDOW = (0xFFE00000, 0x1_0000_0000)
 
 SYSFS_MEMMAP = Path("/sys/firmware/memmap")

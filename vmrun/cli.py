@@ -8,10 +8,10 @@ import sys
 
 import click
 
-from vmrun import layout as L
 from vmrun import logs
 from vmrun.errors import (OUTCOME_EXIT_CODES, BadOptionError, InputFileError, MalformedImageError,
                           VmrunError)
+from vmrun.vm import layout as L
 
 _SIZE_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -238,7 +238,7 @@ def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, *
     if kdump_append is not None and not crash:
         raise BadOptionError("--kdump-append only applies with --crash")
     from vmrun import kexec
-    from vmrun import pe as PE
+    from vmrun.formats import pe as PE
     PE.load_file(file)  # a bad file is named as such first
     kexec.precheck()    # then what would make kexec_load fail for sure: before the payload runs
     from vmrun.handoff.stage import build

@@ -103,12 +103,6 @@ class GuestMemoryError(VmrunError):
         self.size = size
 
 
-class BuildError(VmrunError):
-    """A guest blob or test payload could not be built."""
-    exit_code = 32
-    kind = "build"
-
-
 class PayloadReset(VmrunError):
     """The payload called ResetSystem instead of ExitBootServices."""
     exit_code = 24

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from vmrun import bzimage
-from vmrun import pe as PE
+from vmrun.formats import bzimage
+from vmrun.formats import pe as PE
 
 TEXT_SECTIONS = (".osrel", ".uname", ".cmdline", ".sbat", ".profile")
 UKI_MARKERS = (".linux",)

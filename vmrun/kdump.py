@@ -795,7 +795,7 @@ class PayloadTooBig(KdumpError):
 def payload_cmdline(path: str | os.PathLike) -> str:
     """A UKI's own command line (its ``.cmdline`` section, trailing NULs and whitespace cut),
     or "" for a payload without one."""
-    from vmrun import pe as PE
+    from vmrun.formats import pe as PE
     img = PE.load_file(path)
     sec = img.section(".cmdline")
     return sec.data().rstrip(b"\0").decode("utf-8", "replace").strip() if sec is not None else ""
@@ -806,8 +806,8 @@ def payload_needs(path: str | os.PathLike, initrd_size: int = 0) -> int:
     image itself, the kernel's ``init_size`` (setup header, boot protocol 2.10+: what it needs
     from its load address to decompress and run) and the initrd (``--initrd``, or a UKI's
     ``.initrd``), which the stub copies. 0 when the payload holds no bzImage."""
-    from vmrun import bzimage
-    from vmrun import pe as PE
+    from vmrun.formats import bzimage
+    from vmrun.formats import pe as PE
     img = PE.load_file(path)
     linux = img.section(".linux")
     bz = bzimage.parse(linux.data() if linux is not None else img.data)

@@ -139,10 +139,14 @@ def check_fits(h: elf.ElfHandoff, name: str, *, crash: bool, host: TargetMemoryM
     return meta
 
 
-def read_handoff(path: str | os.PathLike) -> tuple[bytes, elf.ElfHandoff]:
+def read_handoff(path: str | os.PathLike) -> tuple[bytearray, elf.ElfHandoff]:
+    """The file in one writable buffer (its segments go to kexec_load(2) without a copy)."""
     p = pathlib.Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            n = f.readinto(data)
+        del data[n:]
     except OSError as e:
         raise KexecError(f"cannot read {p}: {e.strerror}") from None
     return data, elf.read_elf(data, p.name)
@@ -169,10 +173,15 @@ def load_segments(entry: int, segments: list[elf.LoadSegment], *, crash: bool = 
     for i, sg in enumerate(segments):
         if sg.paddr % PAGE or sg.memsz % PAGE:
             raise KexecError(f"{name}: segment {sg.paddr:#x}+{sg.memsz:#x} is not page-aligned")
-        buf = ctypes.create_string_buffer(bytes(sg.data), len(sg.data)) if len(sg.data) else None
-        keep.append(buf)
-        segs[i] = kexec_segment(ctypes.addressof(buf) if buf is not None else None, len(sg.data),
-                                sg.paddr, sg.memsz)
+        addr = None
+        if len(sg.data):
+            view = memoryview(sg.data)
+            if view.readonly:  # bytes: one copy; guest memory and file buffers are passed as is
+                view = memoryview(bytearray(view))
+            buf = (ctypes.c_char * len(view)).from_buffer(view)
+            keep.append((view, buf))
+            addr = ctypes.addressof(buf)
+        segs[i] = kexec_segment(addr, len(sg.data), sg.paddr, sg.memsz)
     flags = KEXEC_ARCH_X86_64 | (KEXEC_ON_CRASH if crash else 0)
     ret = _libc.syscall(ctypes.c_long(SYS_KEXEC_LOAD), ctypes.c_ulong(entry), ctypes.c_ulong(len(segments)),
                         segs, ctypes.c_ulong(flags))

@@ -32,14 +32,15 @@ from hostsvc.protocols.devicepath_text import DevicePathText
 from hostsvc.protocols.rng import Rng
 from hostsvc.variables import BOOTSERVICE_ACCESS, GLOBAL_VARIABLE, RUNTIME_ACCESS
 from hostsvc.runtime_services import RUNTIME_SERVICES_ORDER, ResetSystemCalled, RuntimeServices
-from vmrun import layout as L
-from vmrun import linux
-from vmrun import pe as PE
-from vmrun.devices import standard_bus
-from vmrun.emulate import Emulator
 from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, PayloadHalted, RunTimeout,
                           VmrunError)
-from vmrun.machine import Machine, RunLimits
+from vmrun.formats import linux
+from vmrun.formats import pe as PE
+from vmrun.vm import layout as L
+from vmrun.vm.devices import standard_bus
+from vmrun.vm.emulate import Emulator
+from vmrun.vm.machine import Machine, RunLimits
+from vmrun.vm.port import GuestPort
 
 log = structlog.get_logger("vmrun.runner")
 
@@ -151,7 +152,7 @@ def _install_tables(fw: Firmware) -> tuple[int, int]:
     rt = RuntimeServices(fw)
     ids_bs = fw.table.register_all("BootServices", bs, BOOT_SERVICES_ORDER)
     ids_rt = fw.table.register_all("RuntimeServices", rt, RUNTIME_SERVICES_ORDER)
-    thunk = fw.machine.fw.thunk
+    thunk = fw.port.thunk
     bs_size = HEADER_SIZE + 8 * len(ids_bs)
     bs_addr = fw.pool(bs_size, MemType.BootServicesData)
     fw.mem.write(bs_addr, table_header(BOOT_SERVICES_SIGNATURE, EFI_2_70, bs_size)
@@ -226,11 +227,11 @@ def _install_target_tables(fw: Firmware, options: "RunOptions", target_is_host: 
             fw.set_config_table(guid, addr)
 
 
-def _install_runtime_after_ebs(fw: Firmware) -> None:
+def _install_runtime_after_ebs(fw: Firmware, machine: Machine) -> None:
     """What remains of the firmware after ExitBootServices: a RuntimeServicesCode page whose code
     returns EFI_UNSUPPORTED (the handoff points every runtime service at it), and an
     EFI_RT_PROPERTIES_TABLE (UEFI 2.10 §4.6.2) saying no runtime service is supported."""
-    blob = fw.machine.fw.blob
+    blob = machine.fw.blob
     start = blob.symbols["rt_unsupported"]
     code = blob.code[start:blob.symbols["svc_thunks"]]
     page = fw.alloc.allocate_pages(1, MemType.RuntimeServicesCode, 1, L.FIRMWARE_BELOW - 1, owner="firmware")
@@ -242,8 +243,8 @@ def _install_runtime_after_ebs(fw: Firmware) -> None:
     fw.set_config_table(G.EFI_RT_PROPERTIES_TABLE, table)
 
 
-def _freeze(fw: Firmware, e: ExitBootServicesCalled) -> FrozenState:
-    vcpu = fw.machine.vcpu
+def _freeze(fw: Firmware, machine: Machine, e: ExitBootServicesCalled) -> FrozenState:
+    vcpu = machine.vcpu
     regs = vcpu.get_regs()
     regs.rax = S.SUCCESS  # what ExitBootServices returns on the real machine
     sregs = vcpu.get_sregs()
@@ -290,8 +291,8 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
     outcome, error, exit_status, frozen = "", None, None, None
     emulator = None
     try:
-        fw = Firmware(machine, target, FirmwareOptions(cmdline=options.cmdline, trace=options.trace,
-                                                       memory_cap=options.memory_cap))
+        fw = Firmware(GuestPort(machine), target,
+                      FirmwareOptions(cmdline=options.cmdline, trace=options.trace, memory_cap=options.memory_cap))
         # what firmware without enrolled Secure Boot keys publishes (UEFI 2.10 §3.3); the seeds
         # below override them, and PCR 7's Secure Boot policy events measure them
         fw.variables.seed("SecureBoot", GLOBAL_VARIABLE, b"\x00", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
@@ -308,7 +309,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         fw.mem.write_u64(st + 72, err_handle)
         fw.mem.write_u64(st + 80, err_iface)
         write_crc(fw.mem, st)
-        _install_runtime_after_ebs(fw)
+        _install_runtime_after_ebs(fw, machine)
         _install_target_tables(fw, options, target_is_host=target_is_host)
         Rng(fw).install()
         DevicePathText(fw).install()
@@ -348,7 +349,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             error = {"kind": "payload_returned",
                      "message": f"{path.name} returned {S.name(exit_status)} without calling ExitBootServices"}
         except ExitBootServicesCalled as e:
-            frozen = _freeze(fw, e)
+            frozen = _freeze(fw, machine, e)
             outcome = "exit_boot_services"
         except ImageExit as e:
             exit_status = e.status

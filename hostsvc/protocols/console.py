@@ -126,7 +126,7 @@ class TextInput:
     def install(self) -> tuple[int, int]:
         # WaitForKey: a wait event that is never signalled (there is no keyboard)
         self.wait_for_key = self.fw.events.create(EVT_NOTIFY_WAIT, TPL_NOTIFY,
-                                                  self.fw.machine.fw.sym("rt_unsupported"), 0)
+                                                  self.fw.port.sym("rt_unsupported"), 0)
         iface = self.fw.interface("SimpleTextInput", self, TEXT_INPUT_ORDER,
                                   struct.pack("<Q", self.wait_for_key))
         self.interface_addr = iface

@@ -377,11 +377,11 @@ class EspVolume:
         fw = self.fw
         self.volume_bytes = self._volume_size()[0]
         ids = fw.table.register_all("File(ESP)", self, FILE_ORDER)
-        self._file_thunks = b"".join(struct.pack("<Q", fw.machine.fw.thunk(i)) for i in ids)
+        self._file_thunks = b"".join(struct.pack("<Q", fw.port.thunk(i)) for i in ids)
         (sfs_id,) = fw.table.register_all("SimpleFileSystem(ESP)", self, SFS_ORDER)
         self.sfs_iface = fw.pool(16)
         fw.mem.write(self.sfs_iface, struct.pack("<QQ", SIMPLE_FILE_SYSTEM_REVISION,
-                                                 fw.machine.fw.thunk(sfs_id)))
+                                                 fw.port.thunk(sfs_id)))
         nodes = self.device_path_nodes()
         self.handle = fw.handles.install_multiple(None, [(G.DEVICE_PATH, fw.device_path(nodes)),
                                                          (G.SIMPLE_FILE_SYSTEM, self.sfs_iface)])

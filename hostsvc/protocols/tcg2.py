@@ -63,7 +63,9 @@ FINAL_EVENTS_VERSION = 1
 LOG_AREA_SIZE = 0x10000     # EDK2 PcdTcgLogAreaMinLen
 FINAL_AREA_SIZE = 0x8000    # EDK2 PcdTcg2FinalLogAreaLen
 
-# what Debian's OVMF + swtpm shows (FACTS.md): all four SHA banks, swtpm's "IBM" manufacturer
+# as under Debian's OVMF with swtpm: its event log and sysfs show all four SHA banks active (the
+# tests/e2e/ovmf_tpm.py reference boot), and `tpm2_getcap properties-fixed` against swtpm gives
+# TPM2_PT_MANUFACTURER 0x49424D00, "IBM": measured
 DEFAULT_BANKS = ("sha1", "sha256", "sha384", "sha512")
 SWTPM_MANUFACTURER_ID = 0x49424D00   # TPM_PT_MANUFACTURER "IBM\0"
 MAX_COMMAND_SIZE = 4096

@@ -263,14 +263,9 @@ class Reference:
         return s
 
 
-_ESC = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[@-_]")
-
-
-def clean_serial(raw: bytes) -> str:
-    """Serial bytes as text: terminal escape sequences (OVMF's ConOut) and CRs removed."""
-    text = _ESC.sub("", raw.decode("utf-8", "replace"))
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(ch for ch in text if ch in "\n\t" or ch >= " ")
+# Serial bytes as text, OVMF's terminal escape sequences and CRs removed (one cleaner for every
+# firmware console: tests/e2e/qemu.py's).
+clean_serial = Q.clean_console
 
 
 _PCR_LINE = re.compile(r"^PCR (sha1|sha256|sha384|sha512) (\d+) ([0-9A-Fa-f]+)\s*$")
@@ -359,16 +354,19 @@ def tpm_args(swtpm_ctrl: Path) -> list[str]:
             "-device", "tpm-tis,tpmdev=tpm0"]
 
 
-def qemu_command(disk: Path, swtpm_ctrl: Path, *, memory_mb: int, extra_args=()) -> list[str]:
-    return [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
-            "-bios", str(OVMF),
-            "-nodefaults", "-display", "none", "-monitor", "none", "-serial", "stdio",
-            "-no-reboot",
-            "-drive", f"if=none,id=esp,format=raw,file={disk}",
+def disk_args(disk: Path, swtpm_ctrl: Path) -> list[str]:
+    """What OVMF boots from and measures into: ``disk`` on virtio-blk (boot index 0), the TPM
+    at ``swtpm_ctrl`` on TIS, and virtio-rng (OVMF publishes EFI_RNG_PROTOCOL only with it)."""
+    return ["-drive", f"if=none,id=esp,format=raw,file={disk}",
             "-device", "virtio-blk-pci,drive=esp,bootindex=0",
             *tpm_args(swtpm_ctrl),
-            "-device", "virtio-rng-pci",
-            *extra_args]
+            "-device", "virtio-rng-pci"]
+
+
+def qemu_command(disk: Path, swtpm_ctrl: Path, *, memory_mb: int, extra_args=()) -> list[str]:
+    """The QEMU command :func:`boot_uki` runs (OVMF as ``-bios``, :func:`disk_args`)."""
+    return Q.qemu_command(None, None, memory_mb=memory_mb, bios=OVMF, qemu=QEMU,
+                          extra_args=[*disk_args(disk, swtpm_ctrl), *extra_args])
 
 
 def boot_uki(uki: Path, *, esp_extra: dict[str, bytes] | None = None, timeout: float = 240,
@@ -378,10 +376,10 @@ def boot_uki(uki: Path, *, esp_extra: dict[str, bytes] | None = None, timeout: f
 
     The UKI is ``\\EFI\\BOOT\\BOOTX64.EFI`` on an ESP (GPT partition ``part_uuid`` on a
     virtio disk); ``esp_extra`` adds files (``"EFI/BOOT/BOOTX64.EFI.extra.d/x.cred": b"…"``).
-    The run ends at ``VMRUN-REF-END`` (``complete``), a kernel panic, QEMU's exit or after
-    ``timeout`` seconds; QEMU and swtpm are always killed. ``keep``: a directory to leave the
-    disk image, serial log and swtpm log in. Raises nothing for a failed boot: check
-    ``complete`` and ``errors`` (``str(ref)`` shows the console).
+    The run (:func:`tests.e2e.qemu.boot`) ends at ``VMRUN-REF-END`` (``complete``), a kernel
+    panic, QEMU's exit or after ``timeout`` seconds; QEMU and swtpm are always killed. ``keep``:
+    a directory to leave the disk image, serial log and swtpm log in. Raises nothing for a
+    failed boot: check ``complete`` and ``errors`` (``str(ref)`` shows the console).
     """
     reason = available()
     if reason:
@@ -390,70 +388,35 @@ def boot_uki(uki: Path, *, esp_extra: dict[str, bytes] | None = None, timeout: f
     files.update(esp_extra or {})
     tmp = tempfile.TemporaryDirectory(prefix="ovmf-tpm-", dir=Q.work_dir())
     work = Path(tmp.name)
-    swtpm = qemu_proc = None
-    chunks: list[bytes] = []
-    err_chunks: list[bytes] = []
-    until = re.compile(re.escape(END_MARKER))
-    fail = re.compile(FAIL_PATTERN)
-    complete = failed = timed_out = False
-    start = time.monotonic()
+    swtpm = r = None
     swtpm_log_text = ""
     try:
         disk = esp_disk(files, work / "esp.img", part_uuid=part_uuid)
-        swtpm, ctrl, swtpm_log = _start_swtpm(work)
-        cmd = qemu_command(disk, ctrl, memory_mb=memory_mb, extra_args=extra_args)
-        start = time.monotonic()
-        qemu_proc, chunks, err_chunks, cond, readers = Q.spawn_captured(
-            ["timeout", "-s", "KILL", str(int(timeout) + 30), *cmd])
-        searched = 0
-        with cond:
-            while True:
-                raw = b"".join(chunks)
-                window = raw[max(0, searched - 256):].decode("utf-8", "replace")
-                if until.search(window):
-                    complete = True
-                    break
-                if fail.search(clean_serial(raw[max(0, searched - 256):])):
-                    failed = True
-                    break
-                searched = len(raw)
-                if qemu_proc.poll() is not None and not readers[0].is_alive():
-                    break
-                left = timeout - (time.monotonic() - start)
-                if left <= 0:
-                    timed_out = True
-                    break
-                cond.wait(min(left, 0.5))
-        if complete:  # the rest of the marker line
-            time.sleep(0.2)
+        swtpm, ctrl, _log = _start_swtpm(work)
+        r = Q.boot(None, memory_mb=memory_mb, timeout=timeout, bios=OVMF, qemu=QEMU,
+                   extra_args=[*disk_args(disk, ctrl), *extra_args],
+                   until=re.escape(END_MARKER), fail=FAIL_PATTERN,
+                   serial_text=clean_serial, linger=0.2)  # linger: the rest of the marker line
     finally:
-        seconds = time.monotonic() - start
-        for p in (qemu_proc, swtpm):
-            if p is not None:
-                _kill(p)
-        if qemu_proc is not None:
-            for s in (qemu_proc.stdout, qemu_proc.stderr):
-                s.close()
+        if swtpm is not None:
+            _kill(swtpm)
         try:
             swtpm_log_text = (work / "swtpm.log").read_text(errors="replace")
         except OSError:
             pass
-        raw = b"".join(chunks)
         if keep is not None:
             keep = Path(keep)
             keep.mkdir(parents=True, exist_ok=True)
-            (keep / "serial.log").write_bytes(raw)
+            (keep / "serial.log").write_bytes(r.raw_serial if r is not None else b"")
             for name in ("esp.img", "swtpm.log"):
                 if (work / name).exists():
                     shutil.copyfile(work / name, keep / name)
         tmp.cleanup()
-    serial = clean_serial(raw)
-    pcrs, event_log, cmdline, errors = parse_reference_output(serial)
-    if not complete:
-        errors.insert(0, "kernel panic or firmware found nothing to boot" if failed else
-                      f"timed out after {timeout}s" if timed_out else "QEMU exited before "
+    pcrs, event_log, cmdline, errors = parse_reference_output(r.serial)
+    if not r.matched:
+        errors.insert(0, "kernel panic or firmware found nothing to boot" if r.failed else
+                      f"timed out after {timeout}s" if r.timed_out else "QEMU exited before "
                       f"{END_MARKER}")
-    return Reference(pcrs=pcrs, event_log=event_log, cmdline=cmdline, serial=serial,
-                     seconds=seconds, complete=complete, errors=errors,
-                     swtpm_log=swtpm_log_text,
-                     qemu_stderr=b"".join(err_chunks).decode("utf-8", "replace"))
+    return Reference(pcrs=pcrs, event_log=event_log, cmdline=cmdline, serial=r.serial,
+                     seconds=r.seconds, complete=r.matched, errors=errors,
+                     swtpm_log=swtpm_log_text, qemu_stderr=r.stderr)

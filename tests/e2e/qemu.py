@@ -4,11 +4,14 @@ This machine's /dev/kvm is nested PVM, on which ``qemu-system-x86_64 -enable-kvm
 firmware, so every boot here is ``-accel tcg`` (a Debian 6.1 kernel reaches its initramfs in
 about 5 s). The pieces:
 
-- :func:`build_initramfs` writes a newc cpio in Python (no root, deterministic: fixed inode
-  numbers, mtime 0, sorted entries) holding static busybox, Debian's ``kexec`` with the shared
-  objects it needs, ``/dev/console`` and any extra files.
+- :func:`build_initramfs` writes a newc cpio with the project's one writer, :mod:`scripts.newc`
+  (no root, deterministic: fixed inode numbers, mtime 0, sorted entries) holding static
+  busybox, Debian's ``kexec`` with the shared objects it needs, ``/dev/console`` and any extra
+  files.
 - :func:`boot` runs one bounded QEMU, streams the serial port and stops as soon as a regex
-  appears (or a failure regex, or the timeout). QEMU is always killed.
+  appears (or a failure regex, or the timeout). QEMU is always killed. It is the one
+  boot-and-wait loop: a kernel booted directly (SeaBIOS, or OVMF for ``target.py``), or
+  firmware booting a disk (``ovmf_tpm.boot_uki``, ``tests/efi/run_ovmf.py``).
 - :func:`guest_e820` boots once per (kernel, memory size) and test session and returns the
   ``BIOS-e820:`` lines that guest's kernel printed: the target map for ``vmrun run --memmap``.
 - :func:`kexec_boot` boots a kernel whose /init runs ``kexec -l /staged.elf -t elf-x86_64
@@ -29,9 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import gzip
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -43,6 +44,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from scripts import newc
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -96,79 +100,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------
-# newc cpio
-# --------------------------------------------------------------------------
-
-S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
-
-
-@dataclass(frozen=True)
-class CpioEntry:
-    name: str           # without the leading "/"
-    mode: int           # including the file type bits
-    data: bytes = b""   # file content, or the link target of a symlink
-    rdev: tuple[int, int] = (0, 0)
-
-
-def _pad4(n: int) -> bytes:
-    return b"\0" * (-n % 4)
-
-
-def write_cpio(entries: list[CpioEntry]) -> bytes:
-    """A newc ("070701") archive of ``entries`` in the given order, then the trailer."""
-    out = io.BytesIO()
-
-    def put(ino: int, e: CpioEntry) -> None:
-        name = e.name.encode() + b"\0"
-        nlink = 2 if e.mode & 0o170000 == S_IFDIR else 1
-        fields = (ino, e.mode, 0, 0, nlink, 0, len(e.data), 0, 0, e.rdev[0], e.rdev[1],
-                  len(name), 0)
-        hdr = b"070701" + b"".join(b"%08x" % v for v in fields)
-        out.write(hdr + name + _pad4(len(hdr) + len(name)))
-        out.write(e.data + _pad4(len(e.data)))
-
-    for ino, e in enumerate(entries, 1):
-        put(ino, e)
-    put(0, CpioEntry("TRAILER!!!", 0))
-    return out.getvalue()
-
-
-class _Tree:
-    """Files to put in an initramfs; parent directories are added on demand."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, CpioEntry] = {}
-
-    def _dirs(self, name: str) -> None:
-        parts = name.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = "/".join(parts[:i])
-            self.entries.setdefault(d, CpioEntry(d, S_IFDIR | 0o755))
-
-    def add(self, name: str, entry_mode: int, data: bytes = b"", rdev=(0, 0)) -> None:
-        name = name.strip("/")
-        self._dirs(name)
-        self.entries[name] = CpioEntry(name, entry_mode, data, rdev)
-
-    def dir(self, name: str) -> None:
-        self.add(name, S_IFDIR | 0o755)
-
-    def file(self, name: str, data: bytes | Path, mode: int = 0o755) -> None:
-        if isinstance(data, Path):
-            data = data.read_bytes()
-        self.add(name, S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self.add(name, S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        self.add(name, S_IFCHR | mode, rdev=(major, minor))
-
-    def cpio(self) -> bytes:
-        return write_cpio([self.entries[k] for k in sorted(self.entries)])
 
 
 # --------------------------------------------------------------------------
@@ -288,7 +219,7 @@ def build_initramfs(out: Path, files: dict[str, Path | bytes], init_script: str,
     (initramfs path -> host file or bytes). Deterministic for the same inputs. ``compress``:
     gzip (mtime 0); plain is faster to unpack for a TCG guest.
     """
-    t = _Tree()
+    t = newc.Tree()
     for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root"):
         t.dir(d)
     t.chardev("dev/console", 5, 1)
@@ -305,7 +236,7 @@ def build_initramfs(out: Path, files: dict[str, Path | bytes], init_script: str,
     t.file("init", init_script.encode())
     data = t.cpio()
     if compress:
-        data = gzip.compress(data, compresslevel=6, mtime=0)
+        data = newc.gzipped(data, level=6)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out, data)
@@ -327,6 +258,7 @@ class QemuResult:
     stderr: str = ""            # QEMU's own messages
     command: list[str] = field(default_factory=list)
     qemu_log: str = ""          # the -d log, with debug_log=True
+    raw_serial: bytes = b""     # the serial bytes as they came (``serial`` is their text)
 
     def __str__(self) -> str:  # what an assertion message should show
         state = ("timed out" if self.timed_out else "matched" if self.matched
@@ -350,12 +282,41 @@ def _die_with_parent() -> None:
     os.setsid()
 
 
-def qemu_command(kernel: Path, initramfs: Path, *, memory_mb: int, append: str,
-                 extra_args=(), monitor: str = "none") -> list[str]:
-    return [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
-            "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", monitor,
-            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initramfs),
-            "-append", append, *extra_args]
+def qemu_command(kernel: Path | None, initramfs: Path | None, *, memory_mb: int,
+                 append: str = DEFAULT_APPEND, extra_args=(), monitor: str = "none",
+                 bios: Path | str | None = None, qemu: str = QEMU) -> list[str]:
+    """One TCG QEMU with the console (COM1) on stdout and no reboot. ``kernel``: boot it
+    directly (``-kernel``, ``-initrd`` when ``initramfs``, ``-append``); None: the firmware
+    boots from whatever ``extra_args`` attach (a disk). ``bios``: the firmware image
+    (``-bios``, e.g. OVMF) instead of QEMU's SeaBIOS; ``qemu``: another QEMU binary."""
+    cmd = [qemu, "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
+           *(["-bios", str(bios)] if bios is not None else []),
+           "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", monitor,
+           "-no-reboot"]
+    if kernel is not None:
+        cmd += ["-kernel", str(kernel)]
+        if initramfs is not None:
+            cmd += ["-initrd", str(initramfs)]
+        cmd += ["-append", append]
+    return [*cmd, *extra_args]
+
+
+# Terminal escape sequences (CSI, charset selection, other two-byte escapes): UEFI firmware's
+# ConOut adds them to what it mirrors on the serial port.
+_ESCAPES = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[@-_]")
+
+
+def clean_console(raw: bytes) -> str:
+    """Serial bytes as plain text: terminal escape sequences, CRs and other control characters
+    but newline and tab removed. What :func:`boot` gets as ``serial_text`` for firmware
+    (OVMF) consoles."""
+    text = _ESCAPES.sub(b"", raw).decode("utf-8", "replace")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(ch for ch in text if ch in "\n\t" or ch >= " ")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 DEBUG_ITEMS_AT_START = "guest_errors,unimp"
@@ -412,14 +373,27 @@ def spawn_captured(cmd: list[str]):
         r.start()
     return proc, chunks, err_chunks, cond, readers
 
-def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = DEFAULT_APPEND,
-         timeout: float = 120, until: str | None = None, fail: str | None = None,
-         extra_args=(), debug_log: bool = False, debug_from: str | None = None) -> QemuResult:
-    """Boot ``kernel`` + ``initramfs`` under QEMU/TCG with the console on COM1 (stdout).
+def boot(kernel: Path | None, initramfs: Path | None = None, *, memory_mb: int = 1536,
+         append: str = DEFAULT_APPEND, timeout: float = 120, until: str | None = None,
+         fail: str | None = None, extra_args=(), debug_log: bool = False,
+         debug_from: str | None = None, bios: Path | str | None = None, qemu: str = QEMU,
+         serial_text: Callable[[bytes], str] = _decode, linger: float = 0.0) -> QemuResult:
+    """Boot ``kernel`` + ``initramfs`` under QEMU/TCG with the console on COM1 (stdout): the one
+    boot-and-wait loop of the QEMU tests (the SeaBIOS and UEFI kexec guests, the OVMF+swtpm
+    reference in ``ovmf_tpm.py`` and ``tests/efi/run_ovmf.py``).
 
     Returns when QEMU exits (poweroff, or reboot/triple fault with ``-no-reboot``), when the
     regex ``until`` (``matched``) or ``fail`` (``failed``) appears in the serial text, or after
-    ``timeout`` seconds (``timed_out``); QEMU is killed in every case.
+    ``timeout`` seconds (``timed_out``); QEMU is killed in every case (and by ``timeout -s KILL``
+    30 s later should this process be stopped first).
+
+    ``kernel`` None: no ``-kernel``; the firmware (``bios``, e.g. OVMF; see
+    :func:`qemu_command`) boots from a disk that ``extra_args`` attach. ``serial_text`` turns
+    the serial bytes into the text that ``until`` and ``fail`` are searched in and that comes
+    back as ``serial`` (default: UTF-8; :func:`clean_console` for firmware consoles, whose
+    escape sequences would split markers); ``raw_serial`` has the bytes. ``linger``: after
+    ``until`` matched, go on reading this many seconds before QEMU is killed (the rest of the
+    marker's line).
 
     ``debug_log``: QEMU's ``-d`` log comes back in ``qemu_log``: ``guest_errors,unimp`` from the
     start and, once the regex ``debug_from`` appears on the serial port (switched on through
@@ -441,7 +415,7 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
             monitor_path = os.path.join(tmpdir.name, "hmp.sock")
             monitor = f"unix:{monitor_path},server=on,wait=off"
     cmd = qemu_command(kernel, initramfs, memory_mb=memory_mb, append=append,
-                       extra_args=extra_args, monitor=monitor)
+                       extra_args=extra_args, monitor=monitor, bios=bios, qemu=qemu)
     # timeout(1) as a second bound, in case this process is stopped before it kills QEMU.
     full = ["timeout", "-s", "KILL", str(int(timeout) + 30), *cmd]
     until_re = re.compile(until) if until else None
@@ -452,14 +426,14 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
     proc, chunks, err_chunks, cond, readers = spawn_captured(full)
 
     matched = failed = timed_out = False
-    searched_upto = 0
+    searched_upto = 0  # bytes of serial output already searched
     monitor_note = ""
     try:
         with cond:
             while True:
-                text = b"".join(chunks).decode("utf-8", "replace")
-                # search a little before the new text too: a marker may straddle two reads
-                window = text[max(0, searched_upto - 256):]
+                raw = b"".join(chunks)
+                # search a little before the new output too: a marker may straddle two reads
+                window = serial_text(raw[max(0, searched_upto - 256):])
                 if debug_re and debug_re.search(window):
                     debug_re = None
                     try:
@@ -474,7 +448,7 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
                 if fail_re and fail_re.search(window):
                     failed = True
                     break
-                searched_upto = len(text)
+                searched_upto = len(raw)
                 if proc.poll() is not None and not readers[0].is_alive():
                     break
                 left = timeout - (time.monotonic() - start)
@@ -482,6 +456,8 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
                     timed_out = True
                     break
                 cond.wait(min(left, 0.5))
+        if matched and linger > 0:
+            time.sleep(linger)  # the reader threads go on collecting meanwhile
     finally:
         returncode = proc.poll()
         if returncode is None:
@@ -507,11 +483,11 @@ def boot(kernel: Path, initramfs: Path, *, memory_mb: int = 1536, append: str = 
         except OSError:
             qemu_log = monitor_note
         tmpdir.cleanup()
-    return QemuResult(serial=b"".join(chunks).decode("utf-8", "replace"),
-                      returncode=returncode, seconds=seconds, timed_out=timed_out,
-                      matched=matched, failed=failed,
+    raw = b"".join(chunks)
+    return QemuResult(serial=serial_text(raw), returncode=returncode, seconds=seconds,
+                      timed_out=timed_out, matched=matched, failed=failed,
                       stderr=b"".join(err_chunks).decode("utf-8", "replace"),
-                      command=cmd, qemu_log=qemu_log)
+                      command=cmd, qemu_log=qemu_log, raw_serial=raw)
 
 
 # --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,16 +76,21 @@ def test_bad_memmap_option(tmp_path, bookworm_kernel):
 
 
 def test_json_summary_of_a_kernel(bookworm_kernel, test_initrd):
+    t0 = time.monotonic()
     r = vmrun("run", bookworm_kernel, "--cmdline", "console=ttyS0 x=1", "--initrd", test_initrd, "--json",
               "--trace")
+    wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["outcome"] == "exit_boot_services"
     assert d["calls"] == sum(d["services"].values()) == len(d["trace"])
     assert d["services"]["ExitBootServices"] == 1
-    assert d["seconds"] > 0
+    # the run (VM creation to outcome) is part of the whole process's life, as this test clocked it
+    assert 0 < d["seconds"] < wall, (d["seconds"], wall)
     assert d["linux"]["cmdline"] == "console=ttyS0 x=1"
     first = d["trace"][0]
     assert set(first) >= {"service", "args", "status", "implemented"}
+    # the one ExitBootServices call is the one that succeeded (the outcome says so)
     ebs = [t for t in d["trace"] if t["service"] == "ExitBootServices"]
-    assert ebs[-1]["status"] == "SUCCESS" or len(ebs) == 1
+    assert [t["status"] for t in ebs] == ["SUCCESS"], ebs
+    assert d["trace"][-1]["service"] == "ExitBootServices"  # nothing runs after it

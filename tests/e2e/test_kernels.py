@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from hostsvc.memory import DESCRIPTOR_SIZE
-from vmrun import linux
+from vmrun.formats import linux
 from vmrun.runner import RunOptions, continue_after_ebs, run_payload
 
 pytestmark = [pytest.mark.kvm, pytest.mark.payloads]

@@ -78,9 +78,9 @@ def test_event_log_replays_to_the_tpm_pcrs(reference):
             if index in KERNEL_EXTENDED:
                 continue
             assert replayed[bank][index].hex() == value, f"{bank} PCR {index}"
-    # what real firmware logs for a UKI (see FACTS.md): the UKI and the .linux it starts on PCR 4,
-    # separators on 0-7, the ExitBootServices actions on 5, the Linux stub's tags on 9, and
-    # systemd-stub's section measurements on 11
+    # what real firmware (Debian's OVMF with swtpm) logs for a UKI: the UKI and the .linux it
+    # starts on PCR 4, separators on 0-7, the ExitBootServices actions on 5, the Linux stub's tags
+    # on 9, and systemd-stub's section measurements on 11
     kinds = {(e.pcr, T.event_type_name(e.event_type)) for e in events[1:]}
     assert (4, "EV_EFI_BOOT_SERVICES_APPLICATION") in kinds
     assert sum(1 for e in events if e.pcr == 4 and e.event_type == T.EV_EFI_BOOT_SERVICES_APPLICATION) == 2

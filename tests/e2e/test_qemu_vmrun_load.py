@@ -58,7 +58,9 @@ def staged(bookworm_kernel, test_initrd, modules, tmp_path_factory):
     memmap = d / "guest.e820"
     memmap.write_text(qemu.guest_e820(bookworm_kernel, GUEST_MB, extra_args=qemu.hostroot_args()))
     rsdp = qemu.guest_acpi_rsdp(bookworm_kernel, GUEST_MB, extra_args=qemu.hostroot_args())
-    assert rsdp is not None
+    # ACPI 6.5 §5.2.5.1: on a legacy BIOS (SeaBIOS) the RSDP is on a 16-byte boundary in the
+    # BIOS read-only area 0xE0000-0xFFFFF
+    assert rsdp is not None and 0xE0000 <= rsdp <= 0xFFFF0 and rsdp % 16 == 0, rsdp
     out = d / "staged.elf"
     st = subprocess.run([*VMRUN, "-q", "stage", str(bookworm_kernel), "-o", str(out),
                          "--memmap", str(memmap), "--acpi-rsdp", hex(rsdp), "--cmdline", CMDLINE,

@@ -10,7 +10,7 @@ import pytest
 
 from hostsvc import tpm as T
 from tests.e2e.uki import build_addon, build_uki
-from vmrun import pe as PE
+from vmrun.formats import pe as PE
 from vmrun.runner import RunOptions, run_payload
 
 pytestmark = [pytest.mark.kvm, pytest.mark.payloads]

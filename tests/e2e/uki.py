@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from vmrun import pe as PE
+from vmrun.formats import pe as PE
 
 PAGE = 0x1000
 # UKI sections in file order: the small ones first, the kernel last.
@@ -44,7 +44,7 @@ def build_uki(stub: Path, out: Path, *, linux: Path, initrd: Path | None, cmdlin
     kernel last. ``cmdline`` and ``osrel`` are stored exactly as given (no NUL, no newline
     added). Reproducible: the stub's TimeDateStamp is kept (objcopy would stamp the current
     time, which the Authenticode hash and so PCR 4 cover). The result is checked with
-    :func:`vmrun.pe.parse_pe`: every section present with its bytes, none overlapping.
+    :func:`vmrun.formats.pe.parse_pe`: every section present with its bytes, none overlapping.
     Returns ``out``.
     """
     sections: dict[str, bytes] = {".osrel": osrel.encode(), ".cmdline": cmdline.encode()}

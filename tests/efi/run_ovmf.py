@@ -13,7 +13,8 @@ Exit status: 0 if the --until line appeared, 2 on timeout, 3 if QEMU/OVMF are mi
 Library use:  from run_ovmf import run_app;  text, finished = run_app(path)
 
 Needs: qemu-system-x86_64 and /usr/share/ovmf/OVMF.fd (apt-get install -y qemu-system-x86 ovmf).
-A virtio-rng device is attached so that OVMF publishes EFI_RNG_PROTOCOL.
+A virtio-rng device is attached so that OVMF publishes EFI_RNG_PROTOCOL. QEMU runs through the
+QEMU tests' one boot-and-wait helper, tests/e2e/qemu.py's ``boot`` (standard library only).
 """
 
 from __future__ import annotations
@@ -22,23 +23,21 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
+
+_REPO = str(pathlib.Path(__file__).resolve().parents[2])
+if _REPO not in sys.path:  # run as a script: make the repository's packages importable
+    sys.path.insert(0, _REPO)
+
+from tests.e2e import qemu  # noqa: E402
 
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 OVMF = os.environ.get("OVMF_FD", "/usr/share/ovmf/OVMF.fd")
 DONE_RE = r"DONE \d+ passed, \d+ failed"
 
-# CSI sequences, charset selection, and other two-byte escapes emitted by the terminal driver
-_ESC = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[@-_]")
-
-
-def clean(raw: bytes) -> str:
-    text = _ESC.sub(b"", raw).decode("utf-8", "replace")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(ch for ch in text if ch == "\n" or ch == "\t" or ch >= " ")
+# The serial bytes as text: the escape sequences of OVMF's terminal driver and CRs removed.
+clean = qemu.clean_console
 
 
 def available() -> str | None:
@@ -74,52 +73,24 @@ def run_app(app: str | os.PathLike, timeout: float = 120.0, until: str = DONE_RE
             shutil.copyfile(app, boot / "PAYLOAD.EFI")
         else:
             shutil.copyfile(app, boot / "BOOTX64.EFI")
-        log = work / "serial.log"
-        log.write_bytes(b"")
-        cmd = [
-            QEMU, "-accel", "tcg", "-m", str(memory_mb),
-            "-bios", OVMF,
-            "-nodefaults", "-display", "none", "-monitor", "none",
-            "-serial", f"file:{log}",
-            "-drive", f"format=raw,file=fat:rw:{disk}",
-            "-device", "virtio-rng-pci",
-            "-no-reboot",
-        ]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        finished = False
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                text = clean(log.read_bytes())
-                if pattern.search(text):
-                    finished = True
-                    time.sleep(0.3)  # let the rest of the line arrive
-                    break
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.25)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            qemu_out = proc.stdout.read().decode("utf-8", "replace") if proc.stdout else ""
-        data = log.read_bytes()
-        if raw:
-            return data.decode("utf-8", "replace"), finished
-        text = clean(data)
-        if finished and not full:
-            # cut after the line that ended the run: what follows is the boot manager's
-            m = pattern.search(text)
-            nl = text.find("\n", m.end())
-            text = text[: nl + 1] if nl >= 0 else text
-        if not finished and qemu_out.strip():
-            text += "\n[qemu] " + qemu_out.strip() + "\n"
-        return text, finished
+        r = qemu.boot(None, memory_mb=memory_mb, timeout=timeout, bios=OVMF, qemu=QEMU,
+                      extra_args=["-drive", f"format=raw,file=fat:rw:{disk}",
+                                  "-device", "virtio-rng-pci"],
+                      until=until, serial_text=clean,
+                      linger=0.3)  # linger: let the rest of the line arrive
+        (work / "serial.log").write_bytes(r.raw_serial)
+    finished = r.matched
+    if raw:
+        return r.raw_serial.decode("utf-8", "replace"), finished
+    text = r.serial
+    if finished and not full:
+        # cut after the line that ended the run: what follows is the boot manager's
+        m = pattern.search(text)
+        nl = text.find("\n", m.end()) if m else -1
+        text = text[: nl + 1] if nl >= 0 else text
+    if not finished and r.stderr.strip():
+        text += "\n[qemu] " + r.stderr.strip() + "\n"
+    return text, finished
 
 
 def main(argv: list[str]) -> int:

@@ -7,11 +7,11 @@ import time
 import pytest
 
 from hostsvc.events import EVT_TIMER, TIMER_RELATIVE, TPL_HIGH_LEVEL, Events
-from vmrun import layout as L
-from vmrun.devices import standard_bus
-from vmrun.emulate import Emulator
 from vmrun.errors import PayloadFault, PayloadHalted, RunTimeout
-from vmrun.machine import Machine, RunLimits
+from vmrun.vm import layout as L
+from vmrun.vm.devices import standard_bus
+from vmrun.vm.emulate import Emulator
+from vmrun.vm.machine import Machine, RunLimits
 
 pytestmark = pytest.mark.kvm
 
@@ -231,8 +231,10 @@ def test_cli_hlt_ends_the_run_at_once(vm):
 def test_cli_hlt_halts_even_with_a_timer_pending(vm):
     # a masked interrupt never wakes a halted CPU: the timer event cannot help
     timer_events(vm, 100_000)                      # due in 10 ms
-    with pytest.raises(PayloadHalted):
+    with pytest.raises(PayloadHalted) as e:
         run(vm, HALT_FOREVER)
+    assert e.value.kind == "halted" and e.value.exit_code == 25          # README: exit codes
+    assert "interrupts disabled" in str(e.value) and f"rip {CODE + 1:#x}" in str(e.value)   # the hlt
 
 
 def test_hlt_at_tpl_high_level_halts(vm):

@@ -1,6 +1,6 @@
 """Synthesize small PE32+ images for the tests, straight from the PE/COFF specification.
 
-Deliberately independent of vmrun.pe: every header is written with ``struct`` here, so a
+Deliberately independent of vmrun.formats.pe: every header is written with ``struct`` here, so a
 misreading of the format in the parser is not mirrored by the builder.
 
 Layout produced by ``build_pe`` (defaults):

@@ -2,7 +2,7 @@
 
 import struct
 
-from vmrun import cpu, layout as L
+from vmrun.vm import cpu, layout as L
 
 
 def _desc(raw: bytes, sel: int) -> int:

@@ -7,15 +7,15 @@ import pytest
 from hostsvc import status as S
 from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U32, U8, UINTN, ServiceTable, efiapi
 from hostsvc.status import EfiError
-from vmrun.kvm.abi import kvm_regs
-from vmrun.memory import GuestMemory
+from vmrun.vm.kvm.abi import kvm_regs
+from vmrun.vm.memory import GuestMemory
 
 G = uuid.UUID("12345678-9abc-def0-1122-334455667788")
 
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(huge_pages=False)
+    m = GuestMemory()
     m.add_region(0, 1 << 20)
     yield m
     m.close()

@@ -11,8 +11,8 @@ from hostsvc import status as S
 from hostsvc.status import EfiError
 from hostsvc.variables import BOOTSERVICE_ACCESS as BS, NON_VOLATILE as NV, RUNTIME_ACCESS as RT
 from hostsvc.variables import VariableStore, parse_var_option
-from vmrun.devices import CmosRtc, Pit8254, PortBus, PostPort, Uart16550
 from vmrun.errors import BadOptionError
+from vmrun.vm.devices import CmosRtc, Pit8254, PortBus, PostPort, Uart16550
 
 
 class Clock:
@@ -54,10 +54,14 @@ def test_invalid_creations(ev):
     with pytest.raises(EfiError) as e:
         ev.create(EV.EVT_NOTIFY_SIGNAL, EV.TPL_CALLBACK, 0, 0)  # no notify function
     assert e.value.status == S.INVALID_PARAMETER
-    with pytest.raises(EfiError):
+    # UEFI 2.10 §7.1 CreateEvent: both notify types set, or a NotifyTpl that is not a
+    # supported level for a notify function, are EFI_INVALID_PARAMETER
+    with pytest.raises(EfiError) as e:
         ev.create(EV.EVT_NOTIFY_SIGNAL | EV.EVT_NOTIFY_WAIT, EV.TPL_CALLBACK, 1, 0)
-    with pytest.raises(EfiError):
+    assert e.value.status == S.INVALID_PARAMETER
+    with pytest.raises(EfiError) as e:
         ev.create(EV.EVT_NOTIFY_SIGNAL, EV.TPL_HIGH_LEVEL, 1, 0)
+    assert e.value.status == S.INVALID_PARAMETER
 
 
 def test_timer_relative_fires_once(ev):
@@ -80,8 +84,9 @@ def test_group_signal_signals_every_member(ev):
 
 def test_check_event_on_notify_signal_is_invalid(ev):
     h = ev.create(EV.EVT_NOTIFY_SIGNAL, EV.TPL_CALLBACK, 1, 0)
-    with pytest.raises(EfiError):
+    with pytest.raises(EfiError) as e:
         ev.check(h)
+    assert e.value.status == S.INVALID_PARAMETER  # UEFI 2.10 §7.1 CheckEvent: EVT_NOTIFY_SIGNAL
 
 
 def test_variables_set_get_delete_append():
@@ -94,8 +99,9 @@ def test_variables_set_get_delete_append():
     with pytest.raises(EfiError) as e:
         v.set("Foo", g, BS, b"x")  # different attributes
     assert e.value.status == S.INVALID_PARAMETER
-    with pytest.raises(EfiError):
+    with pytest.raises(EfiError) as e:
         v.set("Bar", g, RT, b"x")  # RT without BS
+    assert e.value.status == S.INVALID_PARAMETER  # UEFI 2.10 §8.2 SetVariable: invalid attributes
     v.set("Foo", g, NV | BS | RT, b"")
     with pytest.raises(EfiError) as e:
         v.get("Foo", g)

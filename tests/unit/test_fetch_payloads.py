@@ -1,32 +1,24 @@
-"""Tests of scripts/fetch-payloads: its parsing helpers and the payloads it fetched."""
+"""Tests of scripts/fetch-payloads (its code: scripts/fetch_payloads.py): its parsing helpers,
+the command itself, and the payloads it fetched."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from scripts import fetch_payloads as fp
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "fetch-payloads"
-
-
-def _load_script():
-    loader = importlib.machinery.SourceFileLoader("vmrun_fetch_payloads", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-fp = _load_script()
 
 
 # --------------------------------------------------------------------------
@@ -159,6 +151,75 @@ def test_build_test_initrd_layout():
     cmdline = next(i for i, l in enumerate(lines) if "cat /proc/cmdline" in l)
     poweroff = next(i for i, l in enumerate(lines) if "poweroff -f" in l)
     assert marker < cmdline < poweroff
+
+
+def test_build_test_initrd_as_gnu_cpio_reads_it():
+    """GNU cpio, an independent reader of the format, lists the same entries: the symlink with
+    its target, the console device 5,1, everything owned by root with mtime 0."""
+    raw = gzip.decompress(fp.build_test_initrd(b"#!fake busybox\n"))
+    assert len(raw) % 512 == 0
+    if shutil.which("cpio") is None:
+        pytest.fail("cpio(1) is missing: scripts/setup installs it", pytrace=False)
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=raw, capture_output=True,
+                             check=True).stdout.decode().splitlines()
+    by_name = {line.split(" -> ")[0].split()[-1]: line for line in listing}
+    assert sorted(by_name) == ["bin", "bin/busybox", "bin/sh", "dev", "dev/console", "dev/null",
+                               "init", "proc", "sys"]
+    assert list(by_name) == sorted(by_name)  # a directory before what it holds
+    assert by_name["bin/sh"].startswith("lrwxrwxrwx") and by_name["bin/sh"].endswith("bin/sh -> busybox")
+    assert by_name["dev/console"].startswith("crw-------") and " 5,   1 " in by_name["dev/console"]
+    assert by_name["dev/null"].startswith("crw-rw-rw-") and " 1,   3 " in by_name["dev/null"]
+    assert by_name["bin/busybox"].startswith("-rwxr-xr-x")
+    for line in listing:
+        assert " root     root " in line and " Jan  1  1970 " in line, line
+
+
+def test_newc_inode_numbers_follow_the_sorted_names():
+    """newc header fields (buffer-format.rst): ino 1, 2, 3 ... in name order, nlink 2 for a
+    directory, the trailer with ino 0."""
+    from scripts import newc
+    t = newc.Tree()
+    t.file("z/file", b"abc")
+    t.chardev("a/dev", 5, 1)
+    raw = t.cpio()
+    heads = []
+    off = 0
+    while True:
+        f = [int(raw[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        name = raw[off + 110: off + 110 + f[11] - 1].decode()
+        heads.append((name, f[0], f[4]))
+        off = (off + 110 + f[11] + 3) & ~3
+        off = (off + f[6] + 3) & ~3
+        if name == "TRAILER!!!":
+            break
+    assert heads == [("a", 1, 2), ("a/dev", 2, 1), ("z", 3, 2), ("z/file", 4, 1), ("TRAILER!!!", 0, 1)]
+    assert raw[off:] == bytes(len(raw) - off) and len(raw) % 512 == 0
+
+
+def test_script_runs_from_the_command_line(tmp_path):
+    """scripts/fetch-payloads as scripts/setup runs it (its own shebang: the system python3),
+    against an empty cache: --list prints the empty manifest, an unknown group is one line."""
+    env = dict(os.environ, VMRUN_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([str(SCRIPT), "--list"], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"format": fp.MANIFEST_FORMAT, "payloads": {}}
+    p = subprocess.run([str(SCRIPT), "--only", "nope"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert p.returncode == 1
+    assert p.stderr == ("fetch-payloads: error: unknown group(s) nope; choose from "
+                        "kernels, stubs, tools, initrd\n")
+
+
+def test_initrd_recipe_changes_make_the_initrd_stale(tmp_path):
+    """A cached initrd recorded without the current recipe (built by older code) is rebuilt."""
+    (tmp_path / "initrd").mkdir()
+    img = tmp_path / "initrd" / "test-initrd.cpio.gz"
+    img.write_bytes(b"x" * 10)
+    entry = {"path": "initrd/test-initrd.cpio.gz", "group": "initrd", "size": 10}
+    manifest = {"format": 1, "payloads": {"test-initrd": dict(entry, recipe=fp.initrd_recipe())}}
+    assert fp.group_up_to_date(tmp_path, manifest, "initrd")
+    manifest["payloads"]["test-initrd"] = entry
+    assert not fp.group_up_to_date(tmp_path, manifest, "initrd")
 
 
 # --------------------------------------------------------------------------

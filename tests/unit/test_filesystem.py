@@ -20,7 +20,7 @@ from hostsvc import status as S
 from hostsvc.dispatch import ServiceTable
 from hostsvc.protocols import filesystem as F
 from hostsvc.status import EfiError
-from vmrun.memory import GuestMemory
+from vmrun.vm.memory import GuestMemory
 
 
 def status_of(fn, *a, **kw) -> int:
@@ -185,7 +185,14 @@ def test_efi_time_layout():
     assert (pad1, tz, daylight, pad2) == (0, 0, 0, 0)
     assert F.parse_efi_time(raw) == _ns(2024, 2, 29, 12, 34, 56, 789_000_000)
     assert F.parse_efi_time(bytes(16)) is None
-    assert struct.unpack_from("<H", F.efi_time(-(10 ** 20)))[0] >= 1900     # clamped, not an exception
+    # out-of-range host times are clamped, not an exception, to a valid EFI_TIME (UEFI 2.10
+    # §8.3: Year 1900-9999, Month 1-12, Day 1-31, Hour 0-23, Minute and Second 0-59,
+    # Nanosecond below 10^9, TimeZone -1440..1440 or EFI_UNSPECIFIED_TIMEZONE 0x07FF)
+    for ns in (-(10 ** 20), 10 ** 30):
+        y, mo, d, h, mi, sec, _, nano, tz, _, _ = struct.unpack("<HBBBBBBIhBB", F.efi_time(ns))
+        assert (1900 <= y <= 9999 and 1 <= mo <= 12 and 1 <= d <= 31 and h <= 23 and mi <= 59
+                and sec <= 59 and nano < 10 ** 9 and (-1440 <= tz <= 1440 or tz == 0x07FF)), (ns, y, mo, d)
+        assert (y < 2000) == (ns < 0)  # before the epoch stays in the past, far future in the future
 
 
 def test_file_info_encoding():
@@ -249,14 +256,14 @@ class FakeFw:
     BASE, SIZE = 0x100000, 0x100000
 
     def __init__(self):
-        self.mem = GuestMemory(huge_pages=False)
+        self.mem = GuestMemory()
         self.mem.add_region(self.BASE, self.SIZE)
         self.next = self.BASE
         self.freed: list[int] = []
         self.installed: list = []
         self.volumes: dict = {}
         self.table = ServiceTable(self.mem)
-        self.machine = SimpleNamespace(fw=SimpleNamespace(thunk=lambda i: 0xF0000000 + 16 * i))
+        self.port = SimpleNamespace(thunk=lambda i: 0xF0000000 + 16 * i)
         self.alloc = SimpleNamespace(free_pool=self.freed.append)
         self.handles = SimpleNamespace(install_multiple=self._install)
 

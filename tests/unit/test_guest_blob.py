@@ -1,4 +1,4 @@
-"""The committed guest blob is what guest/firmware.S builds to, and agrees with vmrun/layout.py."""
+"""The committed guest blob is what guest/firmware.S builds to, and agrees with vmrun/vm/layout.py."""
 
 import re
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import iced_x86 as X
 
-from vmrun import cpu, layout as L
+from vmrun.vm import cpu, layout as L
 
 ROOT = cpu.GUEST_DIR.parent
 

@@ -19,14 +19,14 @@ OTHER = UUID("11111111-2222-3333-4444-555555555555")
 class Env:
     """Guest stand-in: handle allocator, device paths in 'memory', signalled events."""
 
-    def __init__(self, **kw):
+    def __init__(self):
         self.next = 0x1000
         self.freed: list[int] = []
         self.mem: dict[int, bytes] = {}
         self.signals: list[int] = []
         self.next_ptr = 0x80000
         self.db = H.HandleDB(self._new, self.mem.__getitem__, self.signals.append,
-                             free_handle=self.freed.append, **kw)
+                             free_handle=self.freed.append)
 
     def _new(self) -> int:
         self.next += 0x10
@@ -320,14 +320,6 @@ def test_uninstall_refused_while_exclusive(oenv):
     db.uninstall(h, G.BLOCK_IO, 0xB10)
 
 
-def test_firmware_agent_records_handle_protocol():
-    e = Env(firmware_agent=0x77)
-    h = e.db.install(None, G.RNG, 0x500)
-    assert e.db.handle_protocol(h, G.RNG) == 0x500
-    assert e.db.handle_protocol(h, G.RNG) == 0x500
-    assert infos(e.db, h, G.RNG) == [(0x77, 0, H.BY_HANDLE_PROTOCOL, 2)]
-
-
 # ---------------------------------------------------------------- locate
 
 def test_locate_handle_all_and_by_protocol(env):
@@ -403,17 +395,6 @@ def test_notify_sees_existing_interfaces_like_edk2(env):
     key = db.register_protocol_notify(G.BLOCK_IO, 0xE1)
     assert db.locate_handle(H.BY_REGISTER_NOTIFY, None, key) == [a]
     assert status(db.locate_handle, H.BY_REGISTER_NOTIFY, None, key) == NOT_FOUND
-
-
-def test_notify_only_new_interfaces_when_configured():
-    e = Env(notify_existing=False)
-    db = e.db
-    db.install(None, G.BLOCK_IO, 0xB1)
-    key = db.register_protocol_notify(G.BLOCK_IO, 0xE1)
-    assert status(db.locate_handle, H.BY_REGISTER_NOTIFY, None, key) == NOT_FOUND
-    b = db.install(None, G.BLOCK_IO, 0xB2)
-    assert e.signals == [0xE1]
-    assert db.locate_handle(H.BY_REGISTER_NOTIFY, None, key) == [b]
 
 
 def test_notify_skips_uninstalled_and_unregister(env):

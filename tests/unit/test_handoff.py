@@ -8,7 +8,7 @@ import pytest
 
 from vmrun.handoff import elf, state
 from vmrun.handoff.stage import MAX_SEGMENTS, StageError, plan_segments
-from vmrun.kvm import abi
+from vmrun.vm.kvm import abi
 
 SRC = (state.GUEST_DIR / "purgatory.S").read_text()
 
@@ -180,3 +180,23 @@ def test_eperm_explanations(tmp_path):
     (tmp_path / "sys" / "kernel" / "kexec_load_disabled").write_text("0\n")
     (sec / "lockdown").write_text("[none] integrity confidentiality\n")
     assert _explain_eperm(euid=0, proc=str(tmp_path), security=str(sec)) == "operation not permitted"
+
+
+def test_handoff_file_keeps_zero_pages_as_holes_and_reads_back_exactly(tmp_path):
+    page = 4096
+    data = bytearray(64 * page)
+    data[0] = 1
+    data[10 * page + 5] = 2
+    data[11 * page] = 3
+    data[63 * page + page - 1] = 4
+    assert elf.nonzero_runs(data) == [(0, page), (10 * page, 12 * page), (63 * page, 64 * page)]
+    seg = elf.LoadSegment(0x100000, memoryview(data), 64 * page)
+    path = tmp_path / "h.elf"
+    size = elf.write_elf(path, 0x100000, [seg], [])
+    raw = path.read_bytes()
+    assert len(raw) == size
+    h = elf.read_elf(raw)
+    off, filesz, paddr, memsz = h.segments[0]
+    assert (filesz, paddr, memsz) == (len(data), 0x100000, 64 * page)
+    assert raw[off:off + filesz] == data  # holes read back as the zero pages they stand for
+    assert path.stat().st_blocks * 512 < len(data) // 2  # and take no space (ext4/tmpfs/xfs)

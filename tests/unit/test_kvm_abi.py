@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from vmrun.kvm import abi
+from vmrun.vm.kvm import abi
 
 STRUCTS = {
     "kvm_userspace_memory_region": ["slot", "flags", "guest_phys_addr", "memory_size", "userspace_addr"],
@@ -26,15 +26,13 @@ STRUCTS = {
     "kvm_cpuid_entry2": ["function", "index", "flags", "eax", "ebx", "ecx", "edx"],
     "kvm_cpuid2": ["nent"],
     "kvm_dirty_log": ["slot"],
-    "kvm_xsave": ["region"],
     "kvm_run": ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "flags", "cr8",
                 "apic_base", "kvm_valid_regs", "kvm_dirty_regs"],
 }
-IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
+IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_VCPU_MMAP_SIZE",
           "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG", "KVM_SET_USER_MEMORY_REGION",
-          "KVM_SET_TSS_ADDR", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
-          "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2", "KVM_GET_XSAVE",
-          "KVM_SET_XSAVE"]
+          "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
+          "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2"]
 CONSTANTS = ["KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY",
              "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT",
              "KVM_MEM_LOG_DIRTY_PAGES", "KVM_API_VERSION"]

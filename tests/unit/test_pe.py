@@ -1,14 +1,15 @@
-"""vmrun.pe: PE32+ parsing, validation and loading (no KVM needed).
+"""vmrun.formats.pe: PE32+ parsing, validation and loading (no KVM needed).
 
 Images are synthesized by tests/unit/pebuilder.py, which writes the headers from the PE/COFF
-specification independently of vmrun.pe.
+specification independently of vmrun.formats.pe.
 """
 
 from __future__ import annotations
 
-import os
 import random
+import re
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pebuilder as pb  # noqa: E402
 from pebuilder import REL_DIR64, REL_HIGHLOW, Sec, build_pe  # noqa: E402
 
-from vmrun import pe  # noqa: E402
+from vmrun.formats import pe  # noqa: E402
 from vmrun.errors import (  # noqa: E402
     InputFileError,
     MalformedImageError,
@@ -427,10 +428,16 @@ def test_null_section_header_dropped_by_pefile_is_reported():
 # --- load_file ------------------------------------------------------------------------------------------
 def test_load_file_ok(tmp_path):
     p = tmp_path / "BOOTX64.EFI"
-    p.write_bytes(build_pe().data)
+    b = build_pe()
+    p.write_bytes(b.data)
     img = pe.load_file(p)
     assert img.name == "BOOTX64.EFI"
-    assert img.section(".text") is not None
+    # .text where the builder put it, with the builder's bytes (pebuilder.default_sections)
+    text = img.section(".text")
+    code = bytes(range(256)) * 4 + b"\xc3"
+    assert (text.rva, text.virtual_size, text.raw_offset) == (
+        b.sections[".text"]["rva"], len(code), b.sections[".text"]["raw_offset"])
+    assert text.data() == code
     img2 = pe.load_file(str(p))
     assert img2.data == img.data
 
@@ -550,15 +557,9 @@ def test_random_garbage_with_pe_prefix():
 
 
 # --- a real kernel -------------------------------------------------------------------------------------
-def _kernel_path() -> Path:
-    cache = os.environ.get("VMRUN_CACHE") or str(Path(__file__).resolve().parents[2] / ".cache" / "payloads")
-    return Path(cache) / "kernels" / "bookworm" / "vmlinuz"
-
-
-def test_debian_bookworm_kernel():
-    path = _kernel_path()
-    if not path.is_file():
-        pytest.skip(f"{path} not present (scripts/fetch-payloads)")
+def test_debian_bookworm_kernel(bookworm_kernel):
+    # the conftest fixture: a missing payload fails (skips only with VMRUN_ALLOW_MISSING_PAYLOADS=1)
+    path = bookworm_kernel
     t0 = time.perf_counter()
     img = pe.load_file(path)
     mem = img.load(0x100_0000)
@@ -566,8 +567,15 @@ def test_debian_bookworm_kernel():
     assert img.machine == 0x8664
     assert img.subsystem == 10
     assert img.signed is True
+    # GNU objdump (binutils) reads the same headers: every section's RVA, raw size and file
+    # offset, and the entry point
+    dump = subprocess.run(["objdump", "-h", "-p", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    theirs = [(m[1], int(m[3], 16), int(m[2], 16), int(m[4], 16)) for m in re.finditer(
+        r"^\s*\d+ (\S+)\s+([0-9a-f]+)\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s", dump, re.M)]
+    assert [(s.name, s.rva, s.raw_size, s.raw_offset) for s in img.sections] == theirs
+    assert img.entry_rva == int(re.search(r"^AddressOfEntryPoint\s+([0-9a-f]+)$", dump, re.M)[1], 16)
     text = img.section(".text")
-    assert text is not None
     assert text.rva <= img.entry_rva < text.rva + text.memory_size
     assert len(mem) == (img.size_of_image + 0xFFF) & ~0xFFF
     assert mem[:2] == b"MZ"

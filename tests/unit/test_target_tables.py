@@ -2,8 +2,8 @@
 
 import struct
 
-from vmrun.machine import table_pages
 from vmrun.runner import host_smbios_tables
+from vmrun.vm.machine import table_pages
 
 
 def _fake(tmp_path, entry: bytes, table: bytes, systab: str):

@@ -25,8 +25,24 @@ PAGE = 4096
 @dataclass(frozen=True)
 class LoadSegment:
     paddr: int
-    data: bytes
+    data: bytes | memoryview  # a view of guest memory when staged from a run
     memsz: int
+
+
+def nonzero_runs(data, page: int = PAGE) -> list[tuple[int, int]]:
+    """[start, end) offsets of the runs of pages of ``data`` that are not all zero."""
+    zero = bytes(page)
+    view = memoryview(data)
+    runs: list[list[int]] = []
+    for off in range(0, len(view), page):
+        chunk = view[off:off + page]
+        if chunk.tobytes() == zero[:len(chunk)]:
+            continue
+        if runs and runs[-1][1] == off:
+            runs[-1][1] = off + len(chunk)
+        else:
+            runs.append([off, off + len(chunk)])
+    return [(a, b) for a, b in runs]
 
 
 def _note(ntype: int, desc: bytes) -> bytes:
@@ -53,8 +69,10 @@ def write_elf(path, entry: int, segments: list[LoadSegment], notes: list[tuple[i
     with open(path, "wb") as f:
         f.write(ehdr + b"".join(phdrs) + note_blob)
         for o, data in placed:
-            f.seek(o)
-            f.write(data)
+            view = memoryview(data)
+            for a, b in nonzero_runs(view):  # zero pages stay holes: a sparse file reads as zeros
+                f.seek(o + a)
+                f.write(view[a:b])
         f.truncate(max(off, f.tell()))
     return off
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from hostsvc.memory import AllocType, MemType
-from vmrun import layout as L
 from vmrun.errors import VmrunError
 from vmrun.handoff import elf, state
-from vmrun.kvm import abi
+from vmrun.vm import layout as L
+from vmrun.vm.kvm import abi
 
 log = structlog.get_logger("vmrun.handoff")
 
@@ -90,11 +90,11 @@ def plan_segments(ranges: list[tuple[int, int]], ram: list[tuple[int, int]], lim
     return [(s, e) for s, e, _ in segs]
 
 
-def _trim(data: bytes) -> bytes:
+def _trim(data: memoryview) -> memoryview:
     """Drop trailing all-zero pages (kexec zero-fills memsz beyond filesz)."""
     end = len(data)
     zero = bytes(L.PAGE_SIZE)
-    while end >= L.PAGE_SIZE and data[end - L.PAGE_SIZE:end] == zero:
+    while end >= L.PAGE_SIZE and data[end - L.PAGE_SIZE:end].tobytes() == zero:
         end -= L.PAGE_SIZE
     return data[:end]
 
@@ -201,7 +201,7 @@ def build(result, *, allow_stray_writes: bool = False, extra_metadata: dict | No
     planned = plan_segments(ranges, ram)
     segments = []
     for s, e in planned:
-        data = _trim(fw.mem.read(s, e - s))
+        data = _trim(fw.mem.view(s, e - s))  # guest memory itself: no copy
         segments.append(elf.LoadSegment(s, data, e - s))
     meta = {
         "format": "vmrun-handoff",

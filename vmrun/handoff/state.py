@@ -31,8 +31,8 @@ import json
 import pathlib
 import struct
 
-from vmrun import layout as L
-from vmrun.kvm import abi
+from vmrun.vm import layout as L
+from vmrun.vm.kvm import abi
 
 GUEST_DIR = pathlib.Path(__file__).resolve().parents[2] / "guest"
 

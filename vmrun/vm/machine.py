@@ -7,7 +7,7 @@ forwards exceptions to the host. Three kinds of exit matter:
   service table (``hostsvc``);
 * an MMIO write to ``HCALL_RET``: a guest function that the host called (the image entry point,
   an event notify function) returned;
-* ``out PORT_EXC`` from the monitor: an exception at CPL 3, handed to :mod:`vmrun.emulate`
+* ``out PORT_EXC`` from the monitor: an exception at CPL 3, handed to :mod:`vmrun.vm.emulate`
   which emulates the privileged instruction or raises :class:`PayloadFault`.
 
 ``call_guest`` nests: a service handler (StartImage, SignalEvent) may call back into the guest,
@@ -24,13 +24,13 @@ from typing import Callable, Protocol
 
 import structlog
 
-from vmrun import cpu, layout as L
 from vmrun.errors import KvmError, PayloadFault, RunTimeout
-from vmrun.kvm import abi, exits
-from vmrun.kvm.vm import Kvm, Vcpu, Vm
-from vmrun.memory import GuestMemory
+from vmrun.vm import cpu, layout as L
+from vmrun.vm.kvm import abi, exits
+from vmrun.vm.kvm.vm import Kvm, Vcpu, Vm
+from vmrun.vm.memory import GuestMemory
 
-log = structlog.get_logger("vmrun.machine")
+log = structlog.get_logger("vmrun.vm.machine")
 
 # CPUID feature bits (leaf 1)
 _ECX_XSAVE = 1 << 26
@@ -141,6 +141,7 @@ class Machine:
         self.fw: FirmwareArea | None = None
         self.service_handler: ServiceHandler | None = None
         self.exception_handler: Callable[["Machine", Frame, abi.kvm_regs], None] | None = None
+        self.locate_rip: Callable[[int], str] | None = None  # names the image a RIP lies in
         self.stats = Stats()
         self.deadline = float("inf")
         self.call_depth = 0
@@ -151,7 +152,8 @@ class Machine:
         entries = self.kvm.supported_cpuid()
         for e in entries:
             if e.function == 1:
-                # no XSAVE/AVX: CR4.OSXSAVE stays off (xgetbv fails at CPL 0 here, FACTS.md);
+                # no XSAVE/AVX: CR4.OSXSAVE stays off (under this host's nested KVM, PVM, `xgetbv`
+                # at CPL 0 ends in KVM_EXIT_INTERNAL_ERROR, emulation failure: measured);
                 # RDRAND and TSC must be visible or the Linux stub polls the i8254 forever.
                 e.ecx &= ~(_ECX_XSAVE | _ECX_OSXSAVE | _ECX_AVX)
                 if not (e.ecx & _ECX_RDRAND) and not (e.edx & _EDX_TSC):
@@ -270,9 +272,8 @@ class Machine:
                              rip=regs.rip)
 
     def describe_rip(self, rip: int) -> str:
-        """`` (image+0xoff)`` when ``rip`` lies in a known image; set by the firmware."""
-        locate = getattr(self, "locate_rip", None)
-        return locate(rip) if locate else ""
+        """`` (image+0xoff)`` when ``rip`` lies in a known image (``locate_rip``, set by the firmware)."""
+        return self.locate_rip(rip) if self.locate_rip else ""
 
     def _loop(self) -> int:
         vcpu = self.vcpu

@@ -39,8 +39,7 @@ class Region:
 class GuestMemory:
     """A set of non-overlapping, page-aligned guest-physical ranges, each backed by host memory."""
 
-    def __init__(self, huge_pages: bool = True) -> None:
-        self.huge_pages = huge_pages
+    def __init__(self) -> None:
         self.regions: list[Region] = []
         self._starts: list[int] = []
 
@@ -52,7 +51,7 @@ class GuestMemory:
                 raise ValueError(f"guest region {gpa:#x}+{size:#x} overlaps {r.gpa:#x}+{r.size:#x}")
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
         m = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        if self.huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        if hasattr(mmap, "MADV_HUGEPAGE"):
             try:  # 2 MiB host pages: far fewer first-touch faults for a decompressing kernel
                 m.madvise(mmap.MADV_HUGEPAGE)
             except OSError:
@@ -92,8 +91,9 @@ class GuestMemory:
             return False
 
     def view(self, gpa: int, size: int) -> memoryview:
-        """A writable view of guest memory (valid while the memory lives)."""
-        r, off = self._find(gpa, size)
+        """A view of guest memory, no copy (valid while the memory lives): what the handoff
+        writes to its file or passes to kexec_load(2) as is."""
+        r, off = self._find(gpa, size, "read")
         return r.view[off:off + size]
 
     # raw bytes -------------------------------------------------------------------------------
@@ -137,10 +137,6 @@ class GuestMemory:
         r, off = self._find(gpa, 1, "write")
         r.view[off] = value & 0xFF
 
-    def write_u16(self, gpa: int, value: int) -> None:
-        r, off = self._find(gpa, 2, "write")
-        _U16.pack_into(r.view, off, value & 0xFFFF)
-
     def write_u32(self, gpa: int, value: int) -> None:
         r, off = self._find(gpa, 4, "write")
         _U32.pack_into(r.view, off, value & 0xFFFFFFFF)
@@ -148,13 +144,6 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         r, off = self._find(gpa, 8, "write")
         _U64.pack_into(r.view, off, value & 0xFFFFFFFFFFFFFFFF)
-
-    def read_obj(self, gpa: int, ctype: type):
-        """A copy of a ctypes structure read from guest memory."""
-        return ctype.from_buffer_copy(self.read(gpa, ctypes.sizeof(ctype)))
-
-    def write_obj(self, gpa: int, obj) -> None:
-        self.write(gpa, bytes(obj))
 
     def read_utf16z(self, gpa: int, max_chars: int = 32768) -> str:
         """A NUL-terminated UTF-16LE string (CHAR16*), at most ``max_chars`` characters."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmrun.kvm import abi
+from vmrun.vm.kvm import abi
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,6 @@ class Interrupted(Exit):
 @dataclass(frozen=True)
 class Other(Exit):
     reason: int
-
-    @property
-    def name(self) -> str:
-        return abi.EXIT_REASON_NAMES.get(self.reason, str(self.reason))
 
 
 def decode_exit(vcpu, interrupted: bool = False) -> Exit:

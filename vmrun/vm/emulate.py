@@ -23,10 +23,10 @@ from typing import Protocol
 
 import iced_x86 as X
 
-from vmrun import layout as L
-from vmrun.devices import PortBus
 from vmrun.errors import GuestMemoryError, PayloadFault, PayloadHalted
-from vmrun.kvm import abi
+from vmrun.vm import layout as L
+from vmrun.vm.devices import PortBus
+from vmrun.vm.kvm import abi
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",

@@ -1,6 +1,6 @@
 """Thin wrappers around the three kinds of KVM file descriptor: system, VM and vCPU.
 
-``Vcpu.run()`` returns a typed exit (:mod:`vmrun.kvm.exits`) instead of a raw number. Every
+``Vcpu.run()`` returns a typed exit (:mod:`vmrun.vm.kvm.exits`) instead of a raw number. Every
 failing ioctl raises :class:`vmrun.errors.KvmError` naming the ioctl and the errno.
 """
 
@@ -12,8 +12,8 @@ import mmap
 import os
 
 from vmrun.errors import KvmError
-from vmrun.kvm import abi
-from vmrun.kvm.exits import Exit, decode_exit
+from vmrun.vm.kvm import abi
+from vmrun.vm.kvm.exits import Exit, decode_exit
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -61,9 +61,6 @@ class Kvm:
             raise KvmError(f"{path} speaks KVM API {version}, expected {abi.KVM_API_VERSION_EXPECTED}")
         self.vcpu_mmap_size = ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
 
-    def check_extension(self, cap: int) -> int:
-        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
-
     def supported_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
         nent = 128
         while True:
@@ -109,9 +106,6 @@ class Vm:
         log = abi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
         ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, log)
         return bytes(bitmap)
-
-    def set_tss_addr(self, addr: int) -> None:
-        ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
 
     def create_vcpu(self, index: int = 0) -> "Vcpu":
         vcpu = Vcpu(self, ioctl(self.fd, abi.KVM_CREATE_VCPU, index))
@@ -161,11 +155,6 @@ class Vcpu:
 
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         ioctl(self.fd, abi.KVM_SET_FPU, fpu)
-
-    def get_xsave(self) -> bytes:
-        xs = abi.kvm_xsave()
-        ioctl(self.fd, abi.KVM_GET_XSAVE, xs)
-        return bytes(xs)
 
     def set_cpuid(self, entries: list[abi.kvm_cpuid_entry2]) -> None:
         buf, hdr, arr = abi.cpuid_buffer(len(entries))

@@ -11,9 +11,9 @@ import pathlib
 import struct
 from dataclasses import dataclass
 
-from vmrun import layout as L
+from vmrun.vm import layout as L
 
-GUEST_DIR = pathlib.Path(__file__).resolve().parent.parent / "guest"
+GUEST_DIR = pathlib.Path(__file__).resolve().parents[2] / "guest"
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,10 @@ def page_table_pages(limit: int) -> int:
 def build_page_tables(base: int, limit: int) -> bytes:
     """4-level tables at ``base`` identity-mapping [0, limit) with 2 MiB pages, U/S set.
 
-    Layout: PML4 at base, one PDPT at base+4K, then one PD per GiB. (1 GiB pages triple-fault
-    under this host's KVM, FACTS.md; 2 MiB pages with U/S=1 let the CPL-3 payload use them.)
+    Layout: PML4 at base, one PDPT at base+4K, then one PD per GiB. (No 1 GiB pages: this
+    host's nested KVM (PVM, ``/sys/module/kvm_pvm``) leaves CPUID 0x80000001 EDX.Page1GB clear,
+    and a guest whose identity map uses a 1 GiB page triple-faults: measured. 2 MiB pages with
+    U/S=1 let the CPL-3 payload use them.)
     """
     if limit > L.MAX_IDENTITY_MAP:
         raise ValueError(f"cannot identity-map {limit:#x}: more than one PDPT covers")

@@ -8,7 +8,7 @@ carries, the way ``_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`` does 
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64, c_int32 as s32
+from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as u64
 
 KVMIO = 0xAE
 
@@ -46,7 +46,6 @@ class kvm_userspace_memory_region(ctypes.Structure):
 
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_MEM_READONLY = 1 << 1
 
 
 class kvm_regs(ctypes.Structure):
@@ -125,9 +124,6 @@ class kvm_cpuid_entry2(ctypes.Structure):
     ]
 
 
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
-
-
 class kvm_cpuid2(ctypes.Structure):
     """Header only; the entries follow it (see :func:`cpuid_buffer`)."""
     _fields_ = [("nent", u32), ("padding", u32)]
@@ -135,10 +131,6 @@ class kvm_cpuid2(ctypes.Structure):
 
 class kvm_dirty_log(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
-
-
-class kvm_xsave(ctypes.Structure):
-    _fields_ = [("region", u32 * 1024)]
 
 
 # --- struct kvm_run and the exit payloads we read -------------------------------------------
@@ -159,22 +151,12 @@ class _kvm_run_internal(ctypes.Structure):
     _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
-class _kvm_run_ex(ctypes.Structure):
-    _fields_ = [("exception", u32), ("error_code", u32)]
-
-
-class _kvm_run_system_event(ctypes.Structure):
-    _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
-
-
 class _kvm_run_exit(ctypes.Union):
     _fields_ = [
         ("io", _kvm_run_io),
         ("mmio", _kvm_run_mmio),
         ("fail_entry", _kvm_run_fail_entry),
         ("internal", _kvm_run_internal),
-        ("ex", _kvm_run_ex),
-        ("system_event", _kvm_run_system_event),
         ("padding", ctypes.c_char * 256),
     ]
 
@@ -200,28 +182,13 @@ class kvm_run(ctypes.Structure):
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
 
 # exit reasons
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_EXCEPTION = 1
 KVM_EXIT_IO = 2
-KVM_EXIT_DEBUG = 4
 KVM_EXIT_HLT = 5
 KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_SYSTEM_EVENT = 24
-
-EXIT_REASON_NAMES = {
-    v: k[len("KVM_EXIT_"):] for k, v in dict(globals()).items()
-    if k.startswith("KVM_EXIT_") and k not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
-}
-
-# capabilities
-KVM_CAP_NR_MEMSLOTS = 10
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_EXT_CPUID = 7
-KVM_CAP_SET_TSS_ADDR = 4
 
 KVM_API_VERSION_EXPECTED = 12
 
@@ -229,15 +196,12 @@ KVM_API_VERSION_EXPECTED = 12
 # system
 KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2)
 # vm
 KVM_CREATE_VCPU = _io(0x41)
 KVM_GET_DIRTY_LOG = _iow(0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, kvm_userspace_memory_region)
-KVM_SET_TSS_ADDR = _io(0x47)
-KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, u64)
 # vcpu
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, kvm_regs)
@@ -249,12 +213,10 @@ KVM_SET_MSRS = _iow(0x89, kvm_msrs)
 KVM_GET_FPU = _ior(0x8C, kvm_fpu)
 KVM_SET_FPU = _iow(0x8D, kvm_fpu)
 KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2)
-KVM_GET_XSAVE = _ior(0xA4, kvm_xsave)
-KVM_SET_XSAVE = _iow(0xA5, kvm_xsave)
 
 IOCTL_NAMES = {v: k for k, v in dict(globals()).items()
                if k.startswith("KVM_") and isinstance(v, int) and k.split("_")[1] in
-               ("GET", "SET", "CREATE", "CHECK", "RUN")}
+               ("GET", "SET", "CREATE", "RUN")}
 
 
 def cpuid_buffer(nent: int) -> tuple[ctypes.Array, kvm_cpuid2, ctypes.Array]:
@@ -278,4 +240,4 @@ def msrs_buffer(nent: int) -> tuple[ctypes.Array, kvm_msrs, ctypes.Array]:
 
 
 __all__ = [n for n in dir() if n.startswith(("kvm_", "KVM_"))] + [
-    "cpuid_buffer", "msrs_buffer", "EXIT_REASON_NAMES", "IOCTL_NAMES", "s32"]
+    "cpuid_buffer", "msrs_buffer", "IOCTL_NAMES"]

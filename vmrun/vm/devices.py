@@ -1,6 +1,6 @@
 """Legacy port-I/O devices the payload may touch: i8254 PIT, CMOS RTC, 16550 UART, POST port.
 
-Port I/O from CPL 3 faults (#GP) and reaches :mod:`vmrun.emulate`, which looks the port up in a
+Port I/O from CPL 3 faults (#GP) and reaches :mod:`vmrun.vm.emulate`, which looks the port up in a
 :class:`PortBus`. A port nobody registered is a payload fault, not a silent 0xFF.
 """
 
@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 import structlog
 
-log = structlog.get_logger("vmrun.devices")
+log = structlog.get_logger("vmrun.vm.devices")
 
 
 class PortDevice(Protocol):

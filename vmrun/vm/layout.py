@@ -41,7 +41,7 @@ FW_BLOB = 0x3000         # guest/firmware.bin (monitor stubs, trampolines, servi
 FW_BLOB_MAX = 0x4000
 FW_MONITOR_STACK = 0x7000  # ring-0 stack for exception frames, grows down from FW_MONITOR_STACK_TOP
 FW_MONITOR_STACK_TOP = 0x9000
-FW_PAGE_TABLES = 0x9000  # PML4, PDPT(s), PDs: see vmrun.cpu.page_table_pages
+FW_PAGE_TABLES = 0x9000  # PML4, PDPT(s), PDs: see vmrun.vm.cpu.page_table_pages
 FW_FIXED_SIZE = FW_PAGE_TABLES  # page tables follow; their size depends on the map
 
 # --- payload stack ------------------------------------------------------------------------------
@@ -60,10 +60,8 @@ CR0_MP = 1 << 1
 CR0_ET = 1 << 4
 CR0_NE = 1 << 5
 CR0_WP = 1 << 16
-CR0_AM = 1 << 18
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
-CR4_PGE = 1 << 7
 CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
 EFER_SCE = 1 << 0
@@ -71,17 +69,18 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 RFLAGS_FIXED = 1 << 1
-RFLAGS_IF = 1 << 9
 RFLAGS_IOPL3 = 3 << 12
 
 INITIAL_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
 INITIAL_CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
 INITIAL_EFER = EFER_LME | EFER_LMA | EFER_NXE
-# The payload sees IF=1 as under firmware (it is virtual: no interrupts are ever delivered);
-# IOPL=3 lets the service thunks' `out` reach the host without a fault.
+# The payload sees IF=1 as under firmware (it is virtual: no interrupts are ever delivered).
+# IOPL=3 is asked for, but this host's nested KVM (PVM) runs CPL-3 code with IOPL 0, so the
+# payload's port I/O raises #GP and is emulated (tests/kvm/test_machine.py, UART and CMOS tests);
+# the service thunks exit through HCALL_PAGE instead.
 PAYLOAD_RFLAGS = RFLAGS_FIXED | RFLAGS_IOPL3
 
 MSR_MTRR_DEF_TYPE = 0x2FF
-MTRR_DEF_TYPE_WB_ENABLED = 0x806  # FACTS.md: MTRRs enabled, default write-back
+MTRR_DEF_TYPE_WB_ENABLED = 0x806  # MTRRs enabled, default write-back; a new KVM vCPU reads 0 (off)
 MSR_PAT = 0x277
 PAT_DEFAULT = 0x0007040600070406
