@@ -1,12 +1,13 @@
 """EFI_BOOT_SERVICES (UEFI 2.10 §4.4, §7): one method per service, declared with @efiapi.
 
-The table is built in the spec's order (:data:`BOOT_SERVICES_ORDER`); a name without a method
-here gets an explicit EFI_UNSUPPORTED stub from the dispatcher.
+The table is :class:`hostsvc.uefi_types.EFI_BOOT_SERVICES`, its slots in the spec's order
+(``EFI_BOOT_SERVICES.FUNCTIONS``); a name without a method here gets an explicit EFI_UNSUPPORTED
+stub from the dispatcher.
 """
 
 from __future__ import annotations
 
-import struct
+import ctypes
 import time
 import uuid
 import zlib
@@ -16,33 +17,18 @@ import structlog
 from hostsvc import guids as G
 from hostsvc import images as IMG
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import (BOOL, EVENT, GUIDPTR, HANDLE, OPTGUIDPTR, OPTPTR, PTR, TPL, U32, U64,
                               UINTN, efiapi, size_in_out)
 from hostsvc.events import TPL_APPLICATION
-from hostsvc.handles import AlreadyStartedError
+from hostsvc.handles import TEST_PROTOCOL, AlreadyStartedError
 from hostsvc.protocols import tcg2 as TCG2
-from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION
+from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION, MemType
 from hostsvc.status import EfiError
 from vmrun.errors import RunTimeout, VmrunError
 from vmrun.formats import pe as PE
 
 log = structlog.get_logger("hostsvc.boot_services")
-
-BOOT_SERVICES_ORDER = [
-    "RaiseTPL", "RestoreTPL",
-    "AllocatePages", "FreePages", "GetMemoryMap", "AllocatePool", "FreePool",
-    "CreateEvent", "SetTimer", "WaitForEvent", "SignalEvent", "CloseEvent", "CheckEvent",
-    "InstallProtocolInterface", "ReinstallProtocolInterface", "UninstallProtocolInterface",
-    "HandleProtocol", "Reserved", "RegisterProtocolNotify", "LocateHandle", "LocateDevicePath",
-    "InstallConfigurationTable",
-    "LoadImage", "StartImage", "Exit", "UnloadImage", "ExitBootServices",
-    "GetNextMonotonicCount", "Stall", "SetWatchdogTimer",
-    "ConnectController", "DisconnectController",
-    "OpenProtocol", "CloseProtocol", "OpenProtocolInformation",
-    "ProtocolsPerHandle", "LocateHandleBuffer", "LocateProtocol",
-    "InstallMultipleProtocolInterfaces", "UninstallMultipleProtocolInterfaces",
-    "CalculateCrc32", "CopyMem", "SetMem", "CreateEventEx",
-]
 
 EFI_NATIVE_INTERFACE = 0
 MAX_VARIADIC_PAIRS = 64
@@ -196,18 +182,19 @@ class BootServices:
     def locate_handle(self, search_type, protocol, search_key, buffer_size, buffer):
         # a size probe must not consume the next ByRegisterNotify handle
         found = self.fw.handles.locate_handle(search_type, protocol, search_key, consume=False)
-        size_in_out(self.mem, buffer_size, 8 * len(found), f"{len(found)} handles")
+        size_in_out(self.mem, buffer_size, ctypes.sizeof(U.POINTER * len(found)), f"{len(found)} handles")
         if not buffer:
             raise EfiError(S.INVALID_PARAMETER, "Buffer is NULL")
         found = self.fw.handles.locate_handle(search_type, protocol, search_key)
-        self.mem.write(buffer, b"".join(struct.pack("<Q", h) for h in found))
+        self.mem.write_struct(buffer, (U.POINTER * len(found))(*found))
 
     @efiapi("LocateHandleBuffer", ("search_type", U32), ("protocol", OPTGUIDPTR), ("search_key", OPTPTR),
             ("no_handles", PTR), ("buffer", PTR))
     def locate_handle_buffer(self, search_type, protocol, search_key, no_handles, buffer):
         found = self.fw.handles.locate_handle(search_type, protocol, search_key)
-        addr = self.fw.alloc.allocate_pool(4, 8 * len(found))  # EfiBootServicesData, caller frees
-        self.mem.write(addr, b"".join(struct.pack("<Q", h) for h in found))
+        handles = (U.POINTER * len(found))(*found)
+        addr = self.fw.alloc.allocate_pool(MemType.BootServicesData, ctypes.sizeof(handles))  # caller frees
+        self.mem.write_struct(addr, handles)
         self.mem.write_u64(no_handles, len(found))
         self.mem.write_u64(buffer, addr)
 
@@ -224,19 +211,19 @@ class BootServices:
     @efiapi("OpenProtocol", ("handle", HANDLE), ("protocol", GUIDPTR), ("interface", OPTPTR),
             ("agent_handle", HANDLE), ("controller_handle", HANDLE), ("attributes", U32))
     def open_protocol(self, handle, protocol, interface, agent_handle, controller_handle, attributes):
-        if not interface and attributes != 0x04:  # TEST_PROTOCOL may pass NULL
+        if not interface and attributes != TEST_PROTOCOL:  # TEST_PROTOCOL may pass NULL
             raise EfiError(S.INVALID_PARAMETER, "Interface is NULL")
         try:
             value = self.fw.handles.open_protocol(handle, protocol, agent_handle, controller_handle, attributes)
         except AlreadyStartedError as e:  # the spec still returns the interface
-            if interface and attributes != 0x04:
+            if interface and attributes != TEST_PROTOCOL:
                 self.mem.write_u64(interface, e.interface)
             raise
         except EfiError as e:
             if interface and e.status == S.UNSUPPORTED:
                 self.mem.write_u64(interface, 0)
             raise
-        if interface and attributes != 0x04:
+        if interface and attributes != TEST_PROTOCOL:
             self.mem.write_u64(interface, value)
 
     @efiapi("CloseProtocol", ("handle", HANDLE), ("protocol", GUIDPTR), ("agent_handle", HANDLE),
@@ -248,9 +235,11 @@ class BootServices:
             ("entry_count", PTR))
     def open_protocol_information(self, handle, protocol, entry_buffer, entry_count):
         infos = self.fw.handles.open_protocol_information(handle, protocol)
-        raw = b"".join(struct.pack("<QQII", i.agent, i.controller, i.attributes, i.open_count) for i in infos)
-        addr = self.fw.alloc.allocate_pool(4, max(len(raw), 1))
-        self.mem.write(addr, raw)
+        entries = (U.EFI_OPEN_PROTOCOL_INFORMATION_ENTRY * len(infos))(
+            *(U.EFI_OPEN_PROTOCOL_INFORMATION_ENTRY(i.agent, i.controller, i.attributes, i.open_count)
+              for i in infos))
+        addr = self.fw.alloc.allocate_pool(MemType.BootServicesData, max(ctypes.sizeof(entries), 1))
+        self.mem.write_struct(addr, entries)
         self.mem.write_u64(entry_buffer, addr)
         self.mem.write_u64(entry_count, len(infos))
 
@@ -259,11 +248,17 @@ class BootServices:
         guids = self.fw.handles.protocols_per_handle(handle)
         # an array of EFI_GUID* pointing at GUID copies in the same pool buffer
         n = len(guids)
-        addr = self.fw.alloc.allocate_pool(4, 8 * n + 16 * n or 1)
+
+        class Buffer(U.Struct):
+            _fields_ = [("pointers", U.POINTER * n), ("guids", U.EFI_GUID * n)]
+
+        addr = self.fw.alloc.allocate_pool(MemType.BootServicesData, ctypes.sizeof(Buffer) or 1)
+        buf = Buffer()
         for i, g in enumerate(guids):
-            gaddr = addr + 8 * n + 16 * i
-            self.mem.write(gaddr, G.guid_to_bytes(g))
-            self.mem.write_u64(addr + 8 * i, gaddr)
+            buf.guids[i] = U.EFI_GUID.from_uuid(g)
+            buf.pointers[i] = addr + Buffer.guids.offset + ctypes.sizeof(U.EFI_GUID) * i
+        if n:
+            self.mem.write_struct(addr, buf)
         self.mem.write_u64(protocol_buffer, addr)
         self.mem.write_u64(protocol_buffer_count, n)
 
@@ -285,7 +280,7 @@ class BootServices:
                 return pairs
             if len(pairs) >= MAX_VARIADIC_PAIRS:
                 raise EfiError(S.INVALID_PARAMETER, "no NULL terminator in the argument list")
-            pairs.append((uuid.UUID(bytes_le=self.mem.read(gptr, 16)), call.raw_arg(i + 1)))
+            pairs.append((self.mem.read_struct(gptr, U.EFI_GUID).uuid, call.raw_arg(i + 1)))
             i += 2
 
     @efiapi("InstallMultipleProtocolInterfaces", ("handle", PTR), variadic=True)
@@ -343,7 +338,7 @@ class BootServices:
             data = volume.read_file(path)
             name = path.rsplit("\\", 1)[-1]
         try:
-            pe = PE.parse_pe(data, name, allowed_subsystems=(10, 11, 12))
+            pe = PE.parse_pe(data, name, allowed_subsystems=tuple(PE.EFI_SUBSYSTEMS))
         except VmrunError as e:
             raise EfiError(S.UNSUPPORTED if "subsystem" in e.kind else S.LOAD_ERROR, str(e)) from None
         img = IMG.load_image(self.fw, pe, name, parent_image_handle, device_handle=device_handle,
@@ -389,9 +384,8 @@ class BootServices:
             raise EfiError(S.INVALID_PARAMETER, f"stale map key {map_key} (current {self.fw.alloc.map_key})")
         if image_handle not in self.fw.images:
             raise EfiError(S.INVALID_PARAMETER, "ImageHandle is not an image")
-        from hostsvc.events import EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES, EVENT_GROUP_EXIT_BOOT_SERVICES
-        self.fw.events.signal_group(EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES)
-        self.fw.events.signal_group(EVENT_GROUP_EXIT_BOOT_SERVICES)
+        self.fw.events.signal_group(G.EVENT_GROUP_BEFORE_EXIT_BOOT_SERVICES)
+        self.fw.events.signal_group(G.EVENT_GROUP_EXIT_BOOT_SERVICES)
         self.fw.events.dispatch()
         TCG2.exit_boot_services(self.fw, success=True)
         raise ExitBootServicesCalled(image_handle, map_key)

@@ -23,6 +23,7 @@ import structlog
 
 from hostsvc import status as S
 from hostsvc.status import EfiError
+from hostsvc.uefi_types import EFI_GUID
 from vmrun.errors import GuestMemoryError
 
 log = structlog.get_logger("hostsvc.dispatch")
@@ -223,7 +224,7 @@ class ServiceTable:
                 if k == OPTGUIDPTR:
                     return None
                 raise EfiError(S.INVALID_PARAMETER, f"{p.name} is NULL")
-            return uuid.UUID(bytes_le=self.mem.read(raw, 16))
+            return self.mem.read_struct(raw, EFI_GUID).uuid
         raise ValueError(f"unknown parameter kind {k}")
 
 

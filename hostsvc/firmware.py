@@ -1,14 +1,14 @@
 """The paravirtual firmware: owns the allocator, handle database, events, variables, images and
 the EFI_SYSTEM_TABLE in guest memory (UEFI 2.10 §4 EFI System Table).
 
-Tables are written in spec order (§4.3 EFI_SYSTEM_TABLE, §4.4 EFI_BOOT_SERVICES, §4.5
-EFI_RUNTIME_SERVICES); each function pointer is a thunk from ``guest/firmware.S`` that exits to
-:class:`hostsvc.dispatch.ServiceTable`.
+Tables are the structures of :mod:`hostsvc.uefi_types` (§4.3 EFI_SYSTEM_TABLE, §4.4
+EFI_BOOT_SERVICES, §4.5 EFI_RUNTIME_SERVICES, protocol interfaces); each function pointer is a
+thunk from ``guest/firmware.S`` that exits to :class:`hostsvc.dispatch.ServiceTable`.
 """
 
 from __future__ import annotations
 
-import struct
+import ctypes
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ import structlog
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import ServiceTable
 from hostsvc.events import Events
 from hostsvc.handles import HandleDB
@@ -30,26 +31,18 @@ from vmrun.vm.port import GuestPort
 
 log = structlog.get_logger("hostsvc.firmware")
 
-EFI_2_70 = (2 << 16) | 70
-SYSTEM_TABLE_SIGNATURE = 0x5453595320494249  # "IBI SYST"
-BOOT_SERVICES_SIGNATURE = 0x56524553544F4F42  # "BOOTSERV"
-RUNTIME_SERVICES_SIGNATURE = 0x56524553544E5552  # "RUNTSERV"
-HEADER_SIZE = 24
-SYSTEM_TABLE_SIZE = 120
 FIRMWARE_VENDOR = "vmrun"
 FIRMWARE_REVISION = 0x00010000
-CONFIG_TABLE_ENTRY = 24
-
-
-def table_header(signature: int, revision: int, size: int) -> bytes:
-    return struct.pack("<QIIII", signature, revision, size, 0, 0)
 
 
 def write_crc(mem, addr: int) -> None:
-    """Recompute the CRC32 of an EFI_TABLE_HEADER'ed table at ``addr`` (§4.2)."""
-    size = mem.read_u32(addr + 12)
-    mem.write_u32(addr + 16, 0)
-    mem.write_u32(addr + 16, zlib.crc32(mem.read(addr, size)))
+    """Recompute the CRC32 of an EFI_TABLE_HEADER'ed table at ``addr`` (§4.2): over HeaderSize
+    bytes, with the CRC32 field zero while it is computed."""
+    hdr = mem.read_struct(addr, U.EFI_TABLE_HEADER)
+    hdr.CRC32 = 0
+    mem.write_struct(addr, hdr)
+    hdr.CRC32 = zlib.crc32(mem.read(addr, hdr.HeaderSize))
+    mem.write_struct(addr, hdr)
 
 
 @dataclass
@@ -123,12 +116,12 @@ class Firmware:
         out = bytearray()
         pos = addr
         while len(out) < 65536:
-            hdr = self.mem.read(pos, 4)
-            length = hdr[2] | (hdr[3] << 8)
-            if length < 4:
+            hdr = self.mem.read_struct(pos, U.EFI_DEVICE_PATH_PROTOCOL)
+            length = hdr.length
+            if length < DP.HEADER:
                 raise EfiError(S.INVALID_PARAMETER, f"device path node length {length} at {pos:#x}")
             out += self.mem.read(pos, length)
-            if hdr[0] == 0x7F and hdr[1] == 0xFF:
+            if (hdr.Type, hdr.SubType) == (DP.END, DP.END_ENTIRE):
                 return bytes(out)
             pos += length
         raise EfiError(S.INVALID_PARAMETER, "unterminated device path")
@@ -139,13 +132,41 @@ class Firmware:
         self.mem.write(addr, raw)
         return addr
 
-    def interface(self, group: str, obj, names: list[str], data: bytes = b"",
-                  mem_type: int = MemType.BootServicesData) -> int:
-        """A protocol interface struct: one thunk pointer per function name, then ``data``."""
-        ids = self.table.register_all(group, obj, names)
-        raw = b"".join(struct.pack("<Q", self.port.thunk(i)) for i in ids) + data
-        addr = self.pool(len(raw), mem_type)
-        self.mem.write(addr, raw)
+    def functions(self, group: str, obj, layout: type) -> ctypes.Structure:
+        """A ``layout`` (a :mod:`hostsvc.uefi_types` table or protocol structure) whose function
+        pointers (``layout.FUNCTIONS``) are the thunks of ``obj``'s services, registered under
+        ``group`` in spec order; the other fields are zero."""
+        table = layout()
+        ids = self.table.register_all(group, obj, U.function_names(layout))
+        for name, i in zip(layout.FUNCTIONS, ids):
+            setattr(table, name, self.port.thunk(i))
+        return table
+
+    def interface(self, group: str, obj, layout: type | list[str],
+                  mem_type: int = MemType.BootServicesData, **fields) -> int:
+        """A protocol interface in pool memory: a ``layout`` structure (see :meth:`functions`)
+        with its data fields set from ``fields``. ``layout`` may also be a list of function
+        names: an interface of function pointers only, in that order."""
+        if not isinstance(layout, type):
+            layout = type("FunctionTable", (U.Struct,),
+                          {"FUNCTIONS": tuple(layout), "_fields_": U.functions(*layout)})
+        table = self.functions(group, obj, layout)
+        for name, value in fields.items():
+            if name not in dict(layout._fields_) or name in layout.FUNCTIONS:
+                raise TypeError(f"{layout.__name__} has no data field {name!r}")
+            setattr(table, name, value)
+        addr = self.pool(ctypes.sizeof(layout), mem_type)
+        self.mem.write_struct(addr, table)
+        return addr
+
+    def service_table(self, group: str, obj, layout: type, mem_type: int) -> int:
+        """EFI_BOOT_SERVICES or EFI_RUNTIME_SERVICES (``layout``) in pool memory: its header
+        (signature, revision, size, CRC32) and one thunk per service of ``obj``."""
+        table = self.functions(group, obj, layout)
+        table.Hdr = U.table_header(layout)
+        addr = self.pool(ctypes.sizeof(layout), mem_type)
+        self.mem.write_struct(addr, table)
+        write_crc(self.mem, addr)
         return addr
 
     # --- calls back into the guest ----------------------------------------------------------
@@ -166,14 +187,19 @@ class Firmware:
 
     # --- the system table -------------------------------------------------------------------
     def build_system_table(self, boot_services: int, runtime_services: int, con_in_handle: int,
-                           con_in: int, con_out_handle: int, con_out: int) -> int:
+                           con_in: int, con_out_handle: int, con_out: int, std_err_handle: int | None = None,
+                           std_err: int | None = None) -> int:
+        """The EFI_SYSTEM_TABLE (StdErr is ConOut unless given), without configuration tables."""
         self.vendor = self.utf16z(FIRMWARE_VENDOR, MemType.RuntimeServicesData)
-        self.system_table = self.pool(SYSTEM_TABLE_SIZE, MemType.RuntimeServicesData)
-        st = table_header(SYSTEM_TABLE_SIGNATURE, EFI_2_70, SYSTEM_TABLE_SIZE) + struct.pack(
-            "<QI4xQQQQQQQQQQ", self.vendor, FIRMWARE_REVISION, con_in_handle, con_in,
-            con_out_handle, con_out, con_out_handle, con_out, runtime_services, boot_services, 0, 0)
-        assert len(st) == SYSTEM_TABLE_SIZE
-        self.mem.write(self.system_table, st)
+        self.system_table = self.pool(ctypes.sizeof(U.EFI_SYSTEM_TABLE), MemType.RuntimeServicesData)
+        st = U.EFI_SYSTEM_TABLE(
+            Hdr=U.table_header(U.EFI_SYSTEM_TABLE), FirmwareVendor=self.vendor,
+            FirmwareRevision=FIRMWARE_REVISION, ConsoleInHandle=con_in_handle, ConIn=con_in,
+            ConsoleOutHandle=con_out_handle, ConOut=con_out,
+            StandardErrorHandle=con_out_handle if std_err_handle is None else std_err_handle,
+            StdErr=con_out if std_err is None else std_err,
+            RuntimeServices=runtime_services, BootServices=boot_services)
+        self.mem.write_struct(self.system_table, st)
         write_crc(self.mem, self.system_table)
         self.config_array = 0
         self.config_capacity = 0
@@ -193,17 +219,19 @@ class Firmware:
             entries[idx] = (guid, table)
         if len(entries) > self.config_capacity:
             cap = max(16, 2 * len(entries))
-            new = self.pool(cap * CONFIG_TABLE_ENTRY, MemType.RuntimeServicesData)
+            new = self.pool(cap * ctypes.sizeof(U.EFI_CONFIGURATION_TABLE), MemType.RuntimeServicesData)
             if self.config_array:
                 self.alloc.free_pool(self.config_array)
             self.config_array, self.config_capacity = new, cap
-        raw = b"".join(G.guid_to_bytes(g) + struct.pack("<Q", t) for g, t in entries)
-        self.mem.fill(self.config_array, self.config_capacity * CONFIG_TABLE_ENTRY, 0)
-        self.mem.write(self.config_array, raw)
-        st = self.system_table
-        self.mem.write_u64(st + 104, len(entries))
-        self.mem.write_u64(st + 112, self.config_array if entries else 0)
-        write_crc(self.mem, st)
+        array = (U.EFI_CONFIGURATION_TABLE * self.config_capacity)()  # unused entries stay zero
+        for entry, (g, t) in zip(array, entries):
+            entry.VendorGuid, entry.VendorTable = U.EFI_GUID.from_uuid(g), t
+        self.mem.write_struct(self.config_array, array)
+        st = self.mem.read_struct(self.system_table, U.EFI_SYSTEM_TABLE)
+        st.NumberOfTableEntries = len(entries)
+        st.ConfigurationTable = self.config_array if entries else 0
+        self.mem.write_struct(self.system_table, st)
+        write_crc(self.mem, self.system_table)
         self.events.signal_group(guid)
         self.events.dispatch()
 

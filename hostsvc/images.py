@@ -3,7 +3,7 @@ EFI_LOADED_IMAGE_PROTOCOL (§9.1) every image gets on its own handle."""
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from dataclasses import dataclass
 
 import structlog
@@ -11,6 +11,7 @@ import structlog
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.memory import AllocType, MemType
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.status import EfiError
@@ -20,8 +21,12 @@ from vmrun.vm import layout as L
 
 log = structlog.get_logger("hostsvc.images")
 
-LOADED_IMAGE_REVISION = 0x1000
-LOADED_IMAGE_SIZE = 96
+#: EFI_LOADED_IMAGE_PROTOCOL.ImageCodeType / ImageDataType by PE subsystem (§7.4 LoadImage)
+IMAGE_MEMORY_TYPES = {
+    PE.SUBSYSTEM_EFI_APPLICATION: (MemType.LoaderCode, MemType.LoaderData),
+    PE.SUBSYSTEM_EFI_BOOT_SERVICE_DRIVER: (MemType.BootServicesCode, MemType.BootServicesData),
+    PE.SUBSYSTEM_EFI_RUNTIME_DRIVER: (MemType.RuntimeServicesCode, MemType.RuntimeServicesData),
+}
 
 
 @dataclass
@@ -52,7 +57,7 @@ def file_path_text(nodes: list) -> str:
     """The path named by a run of FilePath nodes (§10.3.5.4), joined with backslashes."""
     parts = []
     for n in nodes:
-        if (n.type, n.subtype) != (4, 4):
+        if (n.type, n.subtype) != (DP.MEDIA, DP.MEDIA_FILEPATH):
             raise EfiError(S.UNSUPPORTED, f"device path node {n.type}/{n.subtype} is not a file path")
         parts.append(n.data.decode("utf-16-le", "replace").rstrip("\0"))
     text = "\\".join(p.strip("\\") for p in parts if p.strip("\\"))
@@ -64,8 +69,7 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
     """Place ``pe`` in LoaderCode pages (at its ImageBase when free, else top-down below
     4 GiB), apply relocations, and install LoadedImage + LoadedImageDevicePath on a new handle."""
     pages = (pe.size_of_image + L.PAGE_SIZE - 1) // L.PAGE_SIZE
-    code_type = {10: MemType.LoaderCode, 11: MemType.BootServicesCode,
-                 12: MemType.RuntimeServicesCode}.get(pe.subsystem, MemType.LoaderCode)
+    code_type, data_type = IMAGE_MEMORY_TYPES.get(pe.subsystem, IMAGE_MEMORY_TYPES[PE.SUBSYSTEM_EFI_APPLICATION])
     base = None
     if pe.image_base and pe.image_base % L.PAGE_SIZE == 0:
         try:
@@ -84,8 +88,6 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
         fw.alloc.free_pages(base, pages)
         raise EfiError(S.LOAD_ERROR, str(e)) from None
     fw.mem.write(base, memimage)
-    data_type = {10: MemType.LoaderData, 11: MemType.BootServicesData,
-                 12: MemType.RuntimeServicesData}.get(pe.subsystem, MemType.LoaderData)
 
     options_ptr, options_size = 0, 0
     if load_options is not None:
@@ -95,7 +97,7 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
         options_size = len(raw)
     nodes = file_path_nodes or []
     file_path = fw.device_path(nodes)
-    li = fw.pool(LOADED_IMAGE_SIZE)
+    li = fw.pool(ctypes.sizeof(U.EFI_LOADED_IMAGE_PROTOCOL))
     handle = fw.handles.install(None, G.LOADED_IMAGE, li)
     # LoadedImageDevicePath (§9.2): the device's path followed by the file path
     device_nodes = []
@@ -106,9 +108,11 @@ def load_image(fw, pe: PE.PEImage, name: str, parent: int, load_options: str | N
     full_path = device_nodes + nodes
     image_dp = fw.device_path(full_path)
     fw.handles.install(handle, G.LOADED_IMAGE_DEVICE_PATH, image_dp)
-    fw.mem.write(li, struct.pack("<I4xQQQQQI4xQQQIIQ", LOADED_IMAGE_REVISION, parent, fw.system_table,
-                                 device_handle, file_path, 0, options_size, options_ptr, base,
-                                 pages * L.PAGE_SIZE, code_type, data_type, 0))
+    fw.mem.write_struct(li, U.EFI_LOADED_IMAGE_PROTOCOL(
+        Revision=U.EFI_LOADED_IMAGE_PROTOCOL.REVISION, ParentHandle=parent, SystemTable=fw.system_table,
+        DeviceHandle=device_handle, FilePath=file_path, LoadOptionsSize=options_size,
+        LoadOptions=options_ptr, ImageBase=base, ImageSize=pages * L.PAGE_SIZE, ImageCodeType=code_type,
+        ImageDataType=data_type, Unload=0))
     img = Image(handle, name, pe, base, pages * L.PAGE_SIZE, pages, base + pe.entry_rva, li)
     fw.images[handle] = img
     TCG2.measure_image(fw, source_address or base, len(pe.data), pe.data, DP.encode(full_path),

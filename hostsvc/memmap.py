@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun.errors import BadOptionError
+from vmrun.vm.layout import PAGE_SIZE
 
-PAGE_SIZE = 0x1000
 _PAGE_MASK = PAGE_SIZE - 1
 _ADDR_LIMIT = 1 << 64
 

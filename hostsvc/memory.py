@@ -32,75 +32,23 @@ would succeed but push :meth:`Allocator.allocated_bytes` over it raises
 from __future__ import annotations
 
 import bisect
-import enum
+import ctypes
 import heapq
-import struct
 from dataclasses import dataclass, field
 
 from hostsvc import status
 from hostsvc.memmap import PhysRange, RangeKind, TargetMemoryMap
 from hostsvc.status import EfiError
+from hostsvc.uefi_types import (EFI_MEMORY_DESCRIPTOR, EFI_MEMORY_DESCRIPTOR_VERSION, EFI_MEMORY_NV,
+                                EFI_MEMORY_RUNTIME, EFI_MEMORY_UC, EFI_MEMORY_WB, EFI_MEMORY_WC,
+                                EFI_MEMORY_WT, MAX_ALLOCATE_TYPE, MAX_MEMORY_TYPE, MEMORY_TYPE_MAX_VALUE,
+                                OEM_RESERVED_MIN, AllocType, MemType)
 from vmrun.errors import MemoryCapExceeded
+from vmrun.vm.layout import FOUR_GIB, PAGE_SIZE
 
-PAGE_SIZE = 0x1000
 PAGE_MASK = PAGE_SIZE - 1
-FOUR_GIB = 1 << 32
 ADDR_LIMIT = 1 << 64
 FIRMWARE = "firmware"
-
-
-class MemType(enum.IntEnum):
-    """EFI_MEMORY_TYPE (UEFI 2.10 §7.2.1 AllocatePages, Related Definitions)."""
-
-    ReservedMemoryType = 0
-    LoaderCode = 1
-    LoaderData = 2
-    BootServicesCode = 3
-    BootServicesData = 4
-    RuntimeServicesCode = 5
-    RuntimeServicesData = 6
-    ConventionalMemory = 7
-    UnusableMemory = 8
-    ACPIReclaimMemory = 9
-    ACPIMemoryNVS = 10
-    MemoryMappedIO = 11
-    MemoryMappedIOPortSpace = 12
-    PalCode = 13
-    PersistentMemory = 14
-    UnacceptedMemoryType = 15
-
-
-MAX_MEMORY_TYPE = 16  # EfiMaxMemoryType
-OEM_RESERVED_MIN = 0x7000_0000  # 0x70000000..0x7FFFFFFF: OEM; 0x80000000..0xFFFFFFFF: OS loaders
-MEMORY_TYPE_MAX_VALUE = 0xFFFF_FFFF
-
-
-class AllocType(enum.IntEnum):
-    """EFI_ALLOCATE_TYPE (UEFI 2.10 §7.2.1)."""
-
-    AnyPages = 0
-    MaxAddress = 1
-    Address = 2
-
-
-MAX_ALLOCATE_TYPE = 3
-
-# Memory attribute definitions (UEFI 2.10 §7.2.3 GetMemoryMap).
-EFI_MEMORY_UC = 0x1
-EFI_MEMORY_WC = 0x2
-EFI_MEMORY_WT = 0x4
-EFI_MEMORY_WB = 0x8
-EFI_MEMORY_UCE = 0x10
-EFI_MEMORY_WP = 0x1000
-EFI_MEMORY_RP = 0x2000
-EFI_MEMORY_XP = 0x4000
-EFI_MEMORY_NV = 0x8000
-EFI_MEMORY_MORE_RELIABLE = 0x10000
-EFI_MEMORY_RO = 0x20000
-EFI_MEMORY_SP = 0x40000
-EFI_MEMORY_CPU_CRYPTO = 0x80000
-EFI_MEMORY_ISA_VALID = 1 << 62
-EFI_MEMORY_RUNTIME = 1 << 63
 
 RAM_ATTRIBUTES = EFI_MEMORY_UC | EFI_MEMORY_WC | EFI_MEMORY_WT | EFI_MEMORY_WB
 
@@ -108,9 +56,7 @@ RAM_ATTRIBUTES = EFI_MEMORY_UC | EFI_MEMORY_WC | EFI_MEMORY_WT | EFI_MEMORY_WB
 #: as EDK2 does, so payloads that index the map with sizeof() instead of DescriptorSize break
 #: here as they would on real firmware.
 DESCRIPTOR_SIZE = 48
-DESCRIPTOR_VERSION = 1
-_DESC = struct.Struct("<IIQQQQ")  # Type, pad, PhysicalStart, VirtualStart, NumberOfPages, Attribute
-assert _DESC.size == 40
+DESCRIPTOR_VERSION = EFI_MEMORY_DESCRIPTOR_VERSION
 
 #: Pool requests up to this many bytes share pool pages; larger ones get pages of their own.
 POOL_SHARED_MAX = 2048
@@ -385,9 +331,11 @@ class Allocator:
         return len(self.descriptors()) * DESCRIPTOR_SIZE
 
     def encode_map(self) -> bytes:
-        """:meth:`descriptors` as EFI_MEMORY_DESCRIPTORs, each padded to DESCRIPTOR_SIZE."""
-        pad = b"\0" * (DESCRIPTOR_SIZE - _DESC.size)
-        return b"".join(_DESC.pack(d.type, 0, d.start, 0, d.pages, d.attribute) + pad
+        """:meth:`descriptors` as EFI_MEMORY_DESCRIPTORs (VirtualStart 0), each padded with
+        zeros to DESCRIPTOR_SIZE."""
+        pad = bytes(DESCRIPTOR_SIZE - ctypes.sizeof(EFI_MEMORY_DESCRIPTOR))
+        return b"".join(bytes(EFI_MEMORY_DESCRIPTOR(Type=d.type, PhysicalStart=d.start, NumberOfPages=d.pages,
+                                                    Attribute=d.attribute)) + pad
                         for d in self.descriptors())
 
     # --- internals -----------------------------------------------------------------------------

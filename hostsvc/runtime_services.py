@@ -8,23 +8,16 @@ returns EFI_UNSUPPORTED (``rt_unsupported`` in guest/firmware.S).
 from __future__ import annotations
 
 import datetime as _dt
-import struct
 
-from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U32, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
-RUNTIME_SERVICES_ORDER = [
-    "GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime",
-    "SetVirtualAddressMap", "ConvertPointer",
-    "GetVariable", "GetNextVariableName", "SetVariable",
-    "GetNextHighMonotonicCount", "ResetSystem",
-    "UpdateCapsule", "QueryCapsuleCapabilities", "QueryVariableInfo",
-]
-
-EFI_UNSPECIFIED_TIMEZONE = 0x07FF
 MAX_NAME_CHARS = 1024
+#: EFI_TIME_CAPABILITIES GetTime reports: 1 Hz resolution, 1 s (1e6 ppm) accuracy, not reset to
+#: zero on a time set
+TIME_CAPABILITIES = dict(Resolution=1, Accuracy=1_000_000, SetsToZero=0)
 
 
 class ResetSystemCalled(Exception):
@@ -42,10 +35,11 @@ class RuntimeServices:
     def get_time(self, time, capabilities):
         """§8.3 GetTime: EFI_TIME in UTC (TimeZone 0), from the host clock."""
         t = self.now()
-        self.mem.write(time, struct.pack("<HBBBBBBIhBB", t.year, t.month, t.day, t.hour, t.minute,
-                                         t.second, 0, t.microsecond * 1000, 0, 0, 0))
+        self.mem.write_struct(time, U.EFI_TIME(Year=t.year, Month=t.month, Day=t.day, Hour=t.hour,
+                                               Minute=t.minute, Second=t.second,
+                                               Nanosecond=t.microsecond * 1000, TimeZone=0, Daylight=0))
         if capabilities:
-            self.mem.write(capabilities, struct.pack("<IIB3x", 1, 1_000_000, 0))
+            self.mem.write_struct(capabilities, U.EFI_TIME_CAPABILITIES(**TIME_CAPABILITIES))
 
     @efiapi("GetVariable", ("variable_name", PTR), ("vendor_guid", GUIDPTR), ("attributes", OPTPTR),
             ("data_size", PTR), ("data", OPTPTR))
@@ -64,12 +58,12 @@ class RuntimeServices:
     def get_next_variable_name(self, variable_name_size, variable_name, vendor_guid):
         size = self.mem.read_u64(variable_name_size)
         current = self.mem.read_utf16z(variable_name, max(1, min(size // 2, MAX_NAME_CHARS)))
-        guid = G.guid_from_bytes(self.mem.read(vendor_guid, 16))
+        guid = self.mem.read_struct(vendor_guid, U.EFI_GUID).uuid
         var = self.fw.variables.next_name(current, guid)
         raw = (var.name + "\0").encode("utf-16-le")
         size_in_out(self.mem, variable_name_size, len(raw), "the next name")
         self.mem.write(variable_name, raw)
-        self.mem.write(vendor_guid, G.guid_to_bytes(var.guid))
+        self.mem.write_struct(vendor_guid, U.EFI_GUID.from_uuid(var.guid))
 
     @efiapi("SetVariable", ("variable_name", PTR), ("vendor_guid", GUIDPTR), ("attributes", U32),
             ("data_size", UINTN), ("data", OPTPTR))

@@ -12,16 +12,23 @@ References (structure names as the specifications have them):
 
 A log is a list of :class:`Event`; the first is the Spec ID event in the SHA1 (TCG_PCR_EVENT)
 format, every later one a TCG_PCR_EVENT2 carrying one digest per bank named in the Spec ID
-event. EV_NO_ACTION events are logged but never extended.
+event. EV_NO_ACTION events are logged but never extended. The fixed-size structures are those
+of :mod:`hostsvc.uefi_types`; TCG_PCR_EVENT2, a run of variable-sized digests, is serialised here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import struct
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Mapping
+
+from hostsvc import uefi_types as U
+
+_PCR_EVENT_DATA = U.TCG_PCR_EVENT.Event.offset             # 32: the SHA1-format record's header
+_SPEC_ID_ALGORITHMS = U.TCG_EfiSpecIDEventStruct.digestSizes.offset   # 28
 
 # --- algorithms ---------------------------------------------------------------------------------
 
@@ -213,7 +220,10 @@ class Event:
     def to_bytes(self, alg_sizes: Mapping[str, int] | None = None) -> bytes:
         if self.sha1_format:
             digest = self.digests.get("sha1", bytes(20))
-            return struct.pack("<II20sI", self.pcr, self.event_type, digest, len(self.data)) + self.data
+            size = U.TCG_PCR_EVENT.Digest.size
+            head = U.TCG_PCR_EVENT(PCRIndex=self.pcr, EventType=self.event_type, EventSize=len(self.data))
+            head.Digest[:] = digest[:size].ljust(size, b"\0")
+            return bytes(head) + self.data
         parts = [struct.pack("<III", self.pcr, self.event_type, len(self.digests))]
         for name, d in self.digests.items():
             alg_id = ALGS[name].alg_id if name in ALGS else _id_from_name(name)
@@ -246,24 +256,31 @@ class SpecId:
 
     def to_bytes(self) -> bytes:
         major, minor = self.spec_version
-        raw = SPEC_ID_SIGNATURE + struct.pack("<IBBBBI", self.platform_class, minor, major,
-                                              self.spec_errata, self.uintn_size, len(self.algorithms))
-        raw += b"".join(struct.pack("<HH", a, s) for a, s in self.algorithms)
-        return raw + bytes([len(self.vendor_info)]) + self.vendor_info
+        head = U.TCG_EfiSpecIDEventStruct(platformClass=self.platform_class, specVersionMinor=minor,
+                                          specVersionMajor=major, specErrata=self.spec_errata,
+                                          uintnSize=self.uintn_size, numberOfAlgorithms=len(self.algorithms))
+        head.signature[:] = SPEC_ID_SIGNATURE
+        sizes = (U.TCG_EfiSpecIdEventAlgorithmSize * len(self.algorithms))(*self.algorithms)
+        return bytes(head) + bytes(sizes) + bytes([len(self.vendor_info)]) + self.vendor_info
 
     @classmethod
     def parse(cls, data: bytes) -> "SpecId":
-        if len(data) < 29 or data[:16] != SPEC_ID_SIGNATURE:
+        data = bytes(data)
+        if len(data) < _SPEC_ID_ALGORITHMS + 1 or data[:16] != SPEC_ID_SIGNATURE:
             raise ValueError("first event is not a 'Spec ID Event03' (not a crypto-agile log)")
-        pc, minor, major, errata, uintn, n = struct.unpack_from("<IBBBBI", data, 16)
-        if n == 0 or 28 + 4 * n + 1 > len(data):
+        head = U.TCG_EfiSpecIDEventStruct.from_buffer_copy(data)
+        n = head.numberOfAlgorithms
+        size = ctypes.sizeof(U.TCG_EfiSpecIdEventAlgorithmSize)
+        if n == 0 or _SPEC_ID_ALGORITHMS + size * n + 1 > len(data):
             raise ValueError(f"Spec ID event with {n} algorithms does not fit its {len(data)} bytes")
-        algs = [struct.unpack_from("<HH", data, 28 + 4 * i) for i in range(n)]
-        pos = 28 + 4 * n
+        sizes = (U.TCG_EfiSpecIdEventAlgorithmSize * n).from_buffer_copy(data, _SPEC_ID_ALGORITHMS)
+        algs = [(a.algorithmId, a.digestSize) for a in sizes]
+        pos = _SPEC_ID_ALGORITHMS + size * n
         vlen = data[pos]
         if pos + 1 + vlen > len(data):
             raise ValueError("Spec ID event vendorInfo overruns the event")
-        return cls(algs, pc, (major, minor), errata, uintn, data[pos + 1:pos + 1 + vlen])
+        return cls(algs, head.platformClass, (head.specVersionMajor, head.specVersionMinor), head.specErrata,
+                   head.uintnSize, data[pos + 1:pos + 1 + vlen])
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -344,17 +361,18 @@ def parse(data: bytes) -> list[Event]:
     to_bytes()). Parsing stops at the end of the data or at padding (an all-0xFF or all-zero
     header, as an EDK2 log area filled with 0xFF shows after its last event)."""
     data = bytes(data)
-    if len(data) < 32:
+    if len(data) < _PCR_EVENT_DATA:
         raise ValueError(f"event log of {len(data)} bytes is too short")
-    pcr, etype = struct.unpack_from("<II", data, 0)
-    (esize,) = struct.unpack_from("<I", data, 28)
-    if etype != EV_NO_ACTION or pcr != 0 or 32 + esize > len(data):
+    head = U.TCG_PCR_EVENT.from_buffer_copy(data)
+    pcr, etype, esize = head.PCRIndex, head.EventType, head.EventSize
+    if etype != EV_NO_ACTION or pcr != 0 or _PCR_EVENT_DATA + esize > len(data):
         raise ValueError("the first event is not an EV_NO_ACTION Spec ID event")
-    first = Event(pcr, etype, {"sha1": data[8:28]}, data[32:32 + esize], sha1_format=True, offset=0)
+    first = Event(pcr, etype, {"sha1": bytes(head.Digest)}, data[_PCR_EVENT_DATA:_PCR_EVENT_DATA + esize],
+                  sha1_format=True, offset=0)
     spec = SpecId.parse(first.data)
     sizes = dict(spec.algorithms)
     events = [first]
-    pos = 32 + esize
+    pos = _PCR_EVENT_DATA + esize
     while pos + 12 <= len(data):
         pcr, etype, count = struct.unpack_from("<III", data, pos)
         if (pcr, etype) in ((0xFFFFFFFF, 0xFFFFFFFF), (0, 0)) and count in (0, 0xFFFFFFFF):
@@ -383,9 +401,10 @@ def parse(data: bytes) -> list[Event]:
 
 
 def startup_locality(events: Iterable[Event]) -> int:
+    size = ctypes.sizeof(U.TCG_EfiStartupLocalityEvent)
     for ev in events:
-        if ev.event_type == EV_NO_ACTION and ev.data[:16] == STARTUP_LOCALITY_SIGNATURE and len(ev.data) >= 17:
-            return ev.data[16]
+        if ev.event_type == EV_NO_ACTION and ev.data[:16] == STARTUP_LOCALITY_SIGNATURE and len(ev.data) >= size:
+            return U.TCG_EfiStartupLocalityEvent.from_buffer_copy(ev.data).StartupLocality
     return 0
 
 
@@ -407,19 +426,21 @@ def replay(events: Iterable[Event], banks: Iterable[str] = ("sha256",),
 def image_load_event(image_address: int, image_length: int, link_time_address: int,
                      device_path: bytes) -> bytes:
     """UEFI_IMAGE_LOAD_EVENT (PFP §10.2.4; EDK2 EFI_IMAGE_LOAD_EVENT, packed, UINTN = 8)."""
-    return struct.pack("<QQQQ", image_address, image_length, link_time_address, len(device_path)) + device_path
+    return bytes(U.UEFI_IMAGE_LOAD_EVENT(ImageLocationInMemory=image_address, ImageLengthInMemory=image_length,
+                                         ImageLinkTimeAddress=link_time_address,
+                                         LengthOfDevicePath=len(device_path))) + device_path
 
 
 def variable_data(name: str, guid: uuid.UUID, data: bytes) -> bytes:
     """UEFI_VARIABLE_DATA (PFP §10.2.6): GUID, name length in CHAR16, data length, name, data."""
-    from hostsvc.guids import guid_to_bytes
-    return (guid_to_bytes(guid) + struct.pack("<QQ", len(name), len(data))
-            + name.encode("utf-16-le") + data)
+    head = U.UEFI_VARIABLE_DATA(VariableName=U.EFI_GUID.from_uuid(guid), UnicodeNameLength=len(name),
+                                VariableDataLength=len(data))
+    return bytes(head) + name.encode("utf-16-le") + data
 
 
 def tagged_event(tag: int, data: bytes) -> bytes:
     """TCG_PCClientTaggedEvent (PFP §10.2.3)."""
-    return struct.pack("<II", tag, len(data)) + data
+    return bytes(U.TCG_PCClientTaggedEvent(taggedEventID=tag, taggedEventDataSize=len(data))) + data
 
 
 # --- Authenticode PE digest (EDK2 MeasurePeImageAndExtend) -------------------------------------
@@ -517,7 +538,7 @@ def describe_event_data(ev: Event) -> str:
             return (f"Spec ID Event03: platformClass {s.platform_class}, spec {s.spec_version[0]}."
                     f"{s.spec_version[1]} errata {s.spec_errata}, uintnSize {s.uintn_size}, algorithms {algs}")
         if t == EV_NO_ACTION and d[:16] == STARTUP_LOCALITY_SIGNATURE:
-            return f"StartupLocality {d[16]}"
+            return f"StartupLocality {U.TCG_EfiStartupLocalityEvent.from_buffer_copy(d).StartupLocality}"
         if t in (EV_EFI_ACTION, EV_ACTION, EV_IPL, EV_POST_CODE, EV_S_CRTM_VERSION, EV_COMPACT_HASH):
             if t == EV_S_CRTM_VERSION and len(d) % 2 == 0:
                 return repr(_ucs2(d).rstrip("\0"))
@@ -525,9 +546,11 @@ def describe_event_data(ev: Event) -> str:
         if t == EV_SEPARATOR:
             return f"separator {d.hex()}"
         if t in (EV_EFI_BOOT_SERVICES_APPLICATION, EV_EFI_BOOT_SERVICES_DRIVER,
-                 EV_EFI_RUNTIME_SERVICES_DRIVER) and len(d) >= 32:
-            addr, length, link, dplen = struct.unpack_from("<QQQQ", d)
-            dp = d[32:32 + dplen]
+                 EV_EFI_RUNTIME_SERVICES_DRIVER) and len(d) >= ctypes.sizeof(U.UEFI_IMAGE_LOAD_EVENT):
+            load = U.UEFI_IMAGE_LOAD_EVENT.from_buffer_copy(d)
+            addr, length, link = load.ImageLocationInMemory, load.ImageLengthInMemory, load.ImageLinkTimeAddress
+            at = U.UEFI_IMAGE_LOAD_EVENT.DevicePath.offset
+            dp = d[at:at + load.LengthOfDevicePath]
             try:
                 from hostsvc.devicepath import to_text
                 dpt = to_text(dp) if dp else "(none)"
@@ -535,16 +558,19 @@ def describe_event_data(ev: Event) -> str:
                 dpt = dp.hex()
             return f"image at {addr:#x} length {length:#x} link-time {link:#x} path {dpt}"
         if t in (EV_EFI_VARIABLE_DRIVER_CONFIG, EV_EFI_VARIABLE_BOOT, EV_EFI_VARIABLE_BOOT2,
-                 EV_EFI_VARIABLE_AUTHORITY) and len(d) >= 32:
-            guid = uuid.UUID(bytes_le=d[:16])
-            nlen, dlen = struct.unpack_from("<QQ", d, 16)
-            name = _ucs2(d[32:32 + 2 * nlen])
-            vd = d[32 + 2 * nlen:32 + 2 * nlen + dlen]
+                 EV_EFI_VARIABLE_AUTHORITY) and len(d) >= ctypes.sizeof(U.UEFI_VARIABLE_DATA):
+            var = U.UEFI_VARIABLE_DATA.from_buffer_copy(d)
+            guid, nlen, dlen = var.VariableName.uuid, var.UnicodeNameLength, var.VariableDataLength
+            at = U.UEFI_VARIABLE_DATA.UnicodeName.offset
+            name = _ucs2(d[at:at + 2 * nlen])
+            vd = d[at + 2 * nlen:at + 2 * nlen + dlen]
             shown = vd.hex() if len(vd) <= 32 else vd[:32].hex() + f"... ({len(vd)} bytes)"
             return f"variable {name}-{guid} = {shown or '(empty)'}"
-        if t == EV_EVENT_TAG and len(d) >= 8:
-            tag, size = struct.unpack_from("<II", d)
-            payload = d[8:8 + size]
+        if t == EV_EVENT_TAG and len(d) >= ctypes.sizeof(U.TCG_PCClientTaggedEvent):
+            tagged = U.TCG_PCClientTaggedEvent.from_buffer_copy(d)
+            tag, size = tagged.taggedEventID, tagged.taggedEventDataSize
+            at = U.TCG_PCClientTaggedEvent.taggedEventData.offset
+            payload = d[at:at + size]
             text = payload.decode("latin-1") if all(32 <= c < 127 or c == 0 for c in payload) else payload.hex()
             return f"tag {tag:#x}: {text!r}"
     except (struct.error, ValueError, IndexError):

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from hostsvc import status as S
+from hostsvc.guids import EFI_GLOBAL_VARIABLE
 from hostsvc.status import EfiError
 from vmrun.errors import BadOptionError
 
@@ -23,8 +24,6 @@ TIME_BASED_AUTHENTICATED_WRITE_ACCESS = 0x20
 APPEND_WRITE = 0x40
 ENHANCED_AUTHENTICATED_ACCESS = 0x80
 _KNOWN_ATTRS = 0xFF
-
-GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 
 
 @dataclass
@@ -129,7 +128,7 @@ def parse_var_option(text: str) -> tuple[str, uuid.UUID, bytes]:
     if not name:
         raise BadOptionError(f"--var {text!r}: empty name")
     try:
-        guid = uuid.UUID(guid_text) if guid_text else GLOBAL_VARIABLE
+        guid = uuid.UUID(guid_text) if guid_text else EFI_GLOBAL_VARIABLE
     except ValueError:
         raise BadOptionError(f"--var {text!r}: {guid_text!r} is not a GUID") from None
     try:
@@ -164,7 +163,7 @@ def load_vars_file(path) -> list[tuple[str, uuid.UUID, bytes, int]]:
     for i, item in enumerate(raw):
         try:
             name = item["name"]
-            guid = uuid.UUID(item.get("guid", str(GLOBAL_VARIABLE)))
+            guid = uuid.UUID(item.get("guid", str(EFI_GLOBAL_VARIABLE)))
             if "text" in item:
                 data = (item["text"] + "\0").encode("utf-16-le")
             else:

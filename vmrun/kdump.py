@@ -99,7 +99,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from hostsvc.memmap import PAGE_SIZE, PhysRange, RangeKind, TargetMemoryMap
+from hostsvc.memmap import PhysRange, RangeKind, TargetMemoryMap
+from hostsvc.uefi_types import MemType
+from vmrun.vm.layout import FOUR_GIB, PAGE_SIZE
 from vmrun.errors import BadOptionError, VmrunError
 
 # --- errors ------------------------------------------------------------------------------------
@@ -119,15 +121,14 @@ class NoCrashReservation(KdumpError):
 
 # --- constants ---------------------------------------------------------------------------------
 
-FOUR_GIB = 1 << 32
 LOW_MEMORY_END = 0x100000          # the x86 real-mode area the kdump kernel needs RAM in
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # x86_64 __START_KERNEL_map: the kernel image mapping
 _PADDR_NONE = (1 << 64) - 1       # /proc/kcore's p_paddr for segments without one
 
 #: EFI memory type of the core header's pages (→ E820 reserved in the kdump kernel).
-ELFCOREHDR_MEMORY_TYPE = 0         # EfiReservedMemoryType
+ELFCOREHDR_MEMORY_TYPE = MemType.ReservedMemoryType
 #: EFI memory type of RAM only the kdump kernel may use (→ E820 RAM in the kdump kernel).
-KDUMP_ONLY_MEMORY_TYPE = 2         # EfiLoaderData
+KDUMP_ONLY_MEMORY_TYPE = MemType.LoaderData
 
 #: Added to the kdump kernel's command line unless the caller passes its own ``append``: the
 #: options Debian's kdump-tools and Fedora's kdump both add, minus distribution-specific units.

@@ -18,6 +18,7 @@ import re
 from hostsvc.memmap import TargetMemoryMap
 from vmrun.errors import VmrunError
 from vmrun.handoff import elf
+from vmrun.vm.layout import PAGE_SIZE
 
 SYS_KEXEC_LOAD = 246
 SYS_REBOOT = 169
@@ -26,7 +27,6 @@ KEXEC_ARCH_X86_64 = 62 << 16
 LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
 LINUX_REBOOT_MAGIC2 = 672274793
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
-PAGE = 4096
 KEXEC_SEGMENT_MAX = 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -171,7 +171,7 @@ def load_segments(entry: int, segments: list[elf.LoadSegment], *, crash: bool = 
     keep = []
     segs = (kexec_segment * len(segments))()
     for i, sg in enumerate(segments):
-        if sg.paddr % PAGE or sg.memsz % PAGE:
+        if sg.paddr % PAGE_SIZE or sg.memsz % PAGE_SIZE:
             raise KexecError(f"{name}: segment {sg.paddr:#x}+{sg.memsz:#x} is not page-aligned")
         addr = None
         if len(sg.data):

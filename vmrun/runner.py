@@ -7,6 +7,7 @@ payload returning), and describe what happened.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import pathlib
 import struct
@@ -18,20 +19,20 @@ import structlog
 
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc.boot_services import BOOT_SERVICES_ORDER, BootServices, ExitBootServicesCalled
-from hostsvc.firmware import (BOOT_SERVICES_SIGNATURE, EFI_2_70, HEADER_SIZE, RUNTIME_SERVICES_SIGNATURE,
-                              Firmware, FirmwareOptions, table_header, write_crc)
+from hostsvc import uefi_types as U
+from hostsvc.boot_services import BootServices, ExitBootServicesCalled
+from hostsvc.firmware import Firmware, FirmwareOptions
 from hostsvc.images import ImageExit, load_image, start_image
 from hostsvc.memmap import TargetMemoryMap
-from hostsvc.memory import MemType
+from hostsvc.memory import AllocType, MemType
 from hostsvc.protocols.console import TextInput, TextOutput
 from hostsvc.protocols.initrd import InitrdLoadFile2
 from hostsvc import tpm as T
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.protocols.devicepath_text import DevicePathText
 from hostsvc.protocols.rng import Rng
-from hostsvc.variables import BOOTSERVICE_ACCESS, GLOBAL_VARIABLE, RUNTIME_ACCESS
-from hostsvc.runtime_services import RUNTIME_SERVICES_ORDER, ResetSystemCalled, RuntimeServices
+from hostsvc.variables import BOOTSERVICE_ACCESS, RUNTIME_ACCESS
+from hostsvc.runtime_services import ResetSystemCalled, RuntimeServices
 from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, PayloadHalted, RunTimeout,
                           VmrunError)
 from vmrun.formats import linux
@@ -148,26 +149,12 @@ class RunResult:
 
 
 def _install_tables(fw: Firmware) -> tuple[int, int]:
-    bs = BootServices(fw)
-    rt = RuntimeServices(fw)
-    ids_bs = fw.table.register_all("BootServices", bs, BOOT_SERVICES_ORDER)
-    ids_rt = fw.table.register_all("RuntimeServices", rt, RUNTIME_SERVICES_ORDER)
-    thunk = fw.port.thunk
-    bs_size = HEADER_SIZE + 8 * len(ids_bs)
-    bs_addr = fw.pool(bs_size, MemType.BootServicesData)
-    fw.mem.write(bs_addr, table_header(BOOT_SERVICES_SIGNATURE, EFI_2_70, bs_size)
-                 + b"".join(thunk(i).to_bytes(8, "little") for i in ids_bs))
-    write_crc(fw.mem, bs_addr)
-    rt_size = HEADER_SIZE + 8 * len(ids_rt)
-    rt_addr = fw.pool(rt_size, MemType.RuntimeServicesData)
-    fw.mem.write(rt_addr, table_header(RUNTIME_SERVICES_SIGNATURE, EFI_2_70, rt_size)
-                 + b"".join(thunk(i).to_bytes(8, "little") for i in ids_rt))
-    write_crc(fw.mem, rt_addr)
+    bs_addr = fw.service_table("BootServices", BootServices(fw), U.EFI_BOOT_SERVICES,
+                               MemType.BootServicesData)
+    rt_addr = fw.service_table("RuntimeServices", RuntimeServices(fw), U.EFI_RUNTIME_SERVICES,
+                               MemType.RuntimeServicesData)
     fw.boot_services_table, fw.runtime_services_table = bs_addr, rt_addr
     return bs_addr, rt_addr
-
-
-EFI_RT_PROPERTIES_TABLE_VERSION = 1
 
 
 SYSTAB = pathlib.Path("/sys/firmware/efi/systab")
@@ -234,12 +221,15 @@ def _install_runtime_after_ebs(fw: Firmware, machine: Machine) -> None:
     blob = machine.fw.blob
     start = blob.symbols["rt_unsupported"]
     code = blob.code[start:blob.symbols["svc_thunks"]]
-    page = fw.alloc.allocate_pages(1, MemType.RuntimeServicesCode, 1, L.FIRMWARE_BELOW - 1, owner="firmware")
+    page = fw.alloc.allocate_pages(AllocType.MaxAddress, MemType.RuntimeServicesCode, 1, L.FIRMWARE_BELOW - 1,
+                                   owner="firmware")
     fw.mem.fill(page, L.PAGE_SIZE, 0xCC)
     fw.mem.write(page, code)
     fw.rt_unsupported = page
-    table = fw.pool(8, MemType.RuntimeServicesData)
-    fw.mem.write(table, struct.pack("<HHI", EFI_RT_PROPERTIES_TABLE_VERSION, 8, 0))
+    props = U.EFI_RT_PROPERTIES_TABLE(Version=U.EFI_RT_PROPERTIES_TABLE.VERSION,
+                                      Length=ctypes.sizeof(U.EFI_RT_PROPERTIES_TABLE), RuntimeServicesSupported=0)
+    table = fw.pool(ctypes.sizeof(props), MemType.RuntimeServicesData)
+    fw.mem.write_struct(table, props)
     fw.set_config_table(G.EFI_RT_PROPERTIES_TABLE, table)
 
 
@@ -295,8 +285,8 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
                       FirmwareOptions(cmdline=options.cmdline, trace=options.trace, memory_cap=options.memory_cap))
         # what firmware without enrolled Secure Boot keys publishes (UEFI 2.10 §3.3); the seeds
         # below override them, and PCR 7's Secure Boot policy events measure them
-        fw.variables.seed("SecureBoot", GLOBAL_VARIABLE, b"\x00", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
-        fw.variables.seed("SetupMode", GLOBAL_VARIABLE, b"\x01", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
+        fw.variables.seed("SecureBoot", G.EFI_GLOBAL_VARIABLE, b"\x00", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
+        fw.variables.seed("SetupMode", G.EFI_GLOBAL_VARIABLE, b"\x01", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
         for name, guid, value, *attrs in options.variables:
             fw.variables.seed(name, guid, value, *attrs)
         bs, rt = _install_tables(fw)
@@ -305,10 +295,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         err_handle, err_iface = con_out.install("stderr")
         con_in = TextInput(fw)
         in_handle, in_iface = con_in.install()
-        st = fw.build_system_table(bs, rt, in_handle, in_iface, out_handle, out_iface)
-        fw.mem.write_u64(st + 72, err_handle)
-        fw.mem.write_u64(st + 80, err_iface)
-        write_crc(fw.mem, st)
+        fw.build_system_table(bs, rt, in_handle, in_iface, out_handle, out_iface, err_handle, err_iface)
         _install_runtime_after_ebs(fw, machine)
         _install_target_tables(fw, options, target_is_host=target_is_host)
         Rng(fw).install()

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import struct
+import ctypes
 
 from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import BOOL, PTR, UINTN, efiapi
 from hostsvc.events import EVT_NOTIFY_WAIT, TPL_NOTIFY
 from hostsvc.status import EfiError
 
-TEXT_OUTPUT_ORDER = ["Reset", "OutputString", "TestString", "QueryMode", "SetMode", "SetAttribute",
-                     "ClearScreen", "SetCursorPosition", "EnableCursor"]
-TEXT_INPUT_ORDER = ["Reset", "ReadKeyStroke"]
 MODES = [(80, 25)]
 
 
@@ -24,7 +22,7 @@ class TextOutput:
         self.fw = fw
         self.mem = fw.mem
         self.streams: dict[int, str] = {}
-        self.mode_addr = fw.pool(24)
+        self.mode_addr = fw.pool(ctypes.sizeof(U.SIMPLE_TEXT_OUTPUT_MODE))
         self.column = self.row = 0
         self.attribute = 0x07
         self.cursor_visible = True
@@ -32,15 +30,16 @@ class TextOutput:
 
     def install(self, stream: str) -> tuple[int, int]:
         """Create an interface for ``stream`` on a new handle; returns (handle, interface)."""
-        iface = self.fw.interface("SimpleTextOutput", self, TEXT_OUTPUT_ORDER,
-                                  struct.pack("<Q", self.mode_addr))
+        iface = self.fw.interface("SimpleTextOutput", self, U.EFI_SIMPLE_TEXT_OUTPUT_PROTOCOL,
+                                  Mode=self.mode_addr)
         self.streams[iface] = stream
         handle = self.fw.handles.install(None, G.SIMPLE_TEXT_OUTPUT, iface)
         return handle, iface
 
     def _write_mode(self) -> None:
-        self.mem.write(self.mode_addr, struct.pack("<iiiiiB3x", len(MODES), 0, self.attribute,
-                                                   self.column, self.row, int(self.cursor_visible)))
+        self.mem.write_struct(self.mode_addr, U.SIMPLE_TEXT_OUTPUT_MODE(
+            MaxMode=len(MODES), Mode=0, Attribute=self.attribute, CursorColumn=self.column,
+            CursorRow=self.row, CursorVisible=int(self.cursor_visible)))
 
     def _stream(self, this: int) -> str:
         s = self.streams.get(this)
@@ -127,8 +126,8 @@ class TextInput:
         # WaitForKey: a wait event that is never signalled (there is no keyboard)
         self.wait_for_key = self.fw.events.create(EVT_NOTIFY_WAIT, TPL_NOTIFY,
                                                   self.fw.port.sym("rt_unsupported"), 0)
-        iface = self.fw.interface("SimpleTextInput", self, TEXT_INPUT_ORDER,
-                                  struct.pack("<Q", self.wait_for_key))
+        iface = self.fw.interface("SimpleTextInput", self, U.EFI_SIMPLE_TEXT_INPUT_PROTOCOL,
+                                  WaitForKey=self.wait_for_key)
         self.interface_addr = iface
         handle = self.fw.handles.install(None, G.SIMPLE_TEXT_INPUT, iface)
         return handle, iface

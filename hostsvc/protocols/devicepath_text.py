@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import BOOL, OPTPTR, efiapi
 from hostsvc.memory import MemType
 from hostsvc.status import EfiError
-
-TO_TEXT_ORDER = ["ConvertDeviceNodeToText", "ConvertDevicePathToText"]
-FROM_TEXT_ORDER = ["ConvertTextToDeviceNode", "ConvertTextToDevicePath"]
 
 
 class DevicePathText:
@@ -20,8 +18,8 @@ class DevicePathText:
         self.mem = fw.mem
 
     def install(self) -> int:
-        to_text = self.fw.interface("DevicePathToText", self, TO_TEXT_ORDER)
-        from_text = self.fw.interface("DevicePathFromText", self, FROM_TEXT_ORDER)
+        to_text = self.fw.interface("DevicePathToText", self, U.EFI_DEVICE_PATH_TO_TEXT_PROTOCOL)
+        from_text = self.fw.interface("DevicePathFromText", self, U.EFI_DEVICE_PATH_FROM_TEXT_PROTOCOL)
         return self.fw.handles.install_multiple(None, [(G.DEVICE_PATH_TO_TEXT, to_text),
                                                        (G.DEVICE_PATH_FROM_TEXT, from_text)])
 
@@ -42,11 +40,10 @@ class DevicePathText:
     def node_to_text(self, device_node, display_only, allow_shortcuts):
         if not device_node:
             return 0
-        hdr = self.mem.read(device_node, 4)
-        length = hdr[2] | hdr[3] << 8
-        if length < 4:
+        hdr = self.mem.read_struct(device_node, U.EFI_DEVICE_PATH_PROTOCOL)
+        if hdr.length < DP.HEADER:
             return 0
-        node = DP.Node(hdr[0], hdr[1], self.mem.read(device_node + 4, length - 4))
+        node = DP.Node(hdr.Type, hdr.SubType, self.mem.read(device_node + DP.HEADER, hdr.length - DP.HEADER))
         return self._string(DP.node_to_text(node))
 
     @efiapi("ConvertDevicePathToText", ("device_path", OPTPTR), ("display_only", BOOL),

@@ -28,11 +28,11 @@ always loads an image from some device.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import errno
 import os
 import stat
-import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,17 +44,14 @@ import structlog
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U64, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
 log = structlog.get_logger("hostsvc.filesystem")
 
-SIMPLE_FILE_SYSTEM_REVISION = 0x00010000
-FILE_PROTOCOL_REVISION = 0x00010000
-SFS_ORDER = ["OpenVolume"]
-FILE_ORDER = ["Open", "Close", "Delete", "Read", "Write", "GetPosition", "SetPosition", "GetInfo",
-              "SetInfo", "Flush", "OpenEx", "ReadEx", "WriteEx", "FlushEx"]
-FILE_STRUCT_SIZE = 8 + 8 * len(FILE_ORDER)
+FILE_ORDER = U.function_names(U.EFI_FILE_PROTOCOL)
+FILE_STRUCT_SIZE = ctypes.sizeof(U.EFI_FILE_PROTOCOL)
 
 # Open modes and attributes (§13.5.2)
 MODE_READ, MODE_WRITE, MODE_CREATE = 0x1, 0x2, 0x8000000000000000
@@ -64,8 +61,6 @@ ATTR_DIRECTORY, ATTR_ARCHIVE = 0x10, 0x20
 ATTR_VALID = 0x37
 POSITION_END = 0xFFFFFFFFFFFFFFFF
 
-FILE_INFO_HEADER = 80        # SIZE_OF_EFI_FILE_INFO: offsetof(EFI_FILE_INFO, FileName)
-FS_INFO_HEADER = 36          # SIZE_OF_EFI_FILE_SYSTEM_INFO: offsetof(.., VolumeLabel)
 BLOCK_SIZE = 512
 CLUSTER = 4096
 PARTITION_START = 0x800      # LBA of partition 1, as a GPT disk from sgdisk/parted has it
@@ -73,7 +68,6 @@ PARTITION_START = 0x800      # LBA of partition 1, as a GPT disk from sgdisk/par
 EMPTY_VOLUME_PARTUUID = uuid.uuid5(uuid.NAMESPACE_URL, "urn:vmrun:empty-volume")
 MAX_NAME = 255               # FAT long file name limit
 INVALID_NAME_CHARS = set('"*/:<>?\\|')   # EDK2 FatFileNameIsValid (and control characters)
-EFI_TIME_FMT = "<HBBBBBxIhBx"
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +230,7 @@ def open_beneath(real_root: str, rel: tuple[str, ...], flags: int = os.O_RDONLY,
             os.close(fd)
 
 
-def efi_time(ns: int) -> bytes:
+def efi_time_struct(ns: int) -> U.EFI_TIME:
     """EFI_TIME (§8.3) for a host timestamp, in UTC (TimeZone 0, no daylight flags)."""
     secs, frac = divmod(ns, 1_000_000_000)
     try:
@@ -246,25 +240,34 @@ def efi_time(ns: int) -> bytes:
         frac = 0
     if t.year < 1900:
         t, frac = _dt.datetime(1900, 1, 1, tzinfo=_dt.timezone.utc), 0
-    return struct.pack(EFI_TIME_FMT, t.year, t.month, t.day, t.hour, t.minute, t.second, frac, 0, 0)
+    return U.EFI_TIME(Year=t.year, Month=t.month, Day=t.day, Hour=t.hour, Minute=t.minute, Second=t.second,
+                      Nanosecond=frac, TimeZone=0, Daylight=0)
 
 
-def parse_efi_time(raw: bytes) -> int | None:
+def efi_time(ns: int) -> bytes:
+    """The 16 bytes of :func:`efi_time_struct`."""
+    return bytes(efi_time_struct(ns))
+
+
+def parse_efi_time(raw: bytes | U.EFI_TIME) -> int | None:
     """Host ns timestamp of an EFI_TIME, or None for an all-zero time ("leave unchanged")."""
-    y, mo, d, h, mi, s, ns, tz, _dl = struct.unpack(EFI_TIME_FMT, raw[:16])
-    if y == 0:
+    t = raw if isinstance(raw, U.EFI_TIME) else U.EFI_TIME.from_buffer_copy(bytes(raw[:ctypes.sizeof(U.EFI_TIME)]))
+    if t.Year == 0:
         return None
-    t = _dt.datetime(y, mo, d, h, mi, s, tzinfo=_dt.timezone.utc)  # TimeZone ignored: taken as UTC
-    return int(t.timestamp()) * 1_000_000_000 + ns
+    when = _dt.datetime(t.Year, t.Month, t.Day, t.Hour, t.Minute, t.Second,
+                        tzinfo=_dt.timezone.utc)  # TimeZone ignored: taken as UTC
+    return int(when.timestamp()) * 1_000_000_000 + t.Nanosecond
 
 
 def encode_file_info(name: str, file_size: int, physical_size: int, create_ns: int, access_ns: int,
                      modify_ns: int, attribute: int) -> bytes:
     """EFI_FILE_INFO (§13.5.16): Size, FileSize, PhysicalSize, three EFI_TIMEs, Attribute, FileName."""
     fname = (name + "\0").encode("utf-16-le")
-    return (struct.pack("<QQQ", FILE_INFO_HEADER + len(fname), file_size, physical_size)
-            + efi_time(create_ns) + efi_time(access_ns) + efi_time(modify_ns)
-            + struct.pack("<Q", attribute) + fname)
+    info = U.EFI_FILE_INFO(Size=U.SIZE_OF_EFI_FILE_INFO + len(fname), FileSize=file_size,
+                           PhysicalSize=physical_size, CreateTime=efi_time_struct(create_ns),
+                           LastAccessTime=efi_time_struct(access_ns), ModificationTime=efi_time_struct(modify_ns),
+                           Attribute=attribute)
+    return bytes(info)[:U.SIZE_OF_EFI_FILE_INFO] + fname
 
 
 def file_info_from_stat(name: str, st: os.stat_result, *, read_only: bool) -> bytes:
@@ -279,8 +282,9 @@ def file_info_from_stat(name: str, st: os.stat_result, *, read_only: bool) -> by
 def encode_fs_info(read_only: bool, volume_size: int, free_space: int, label: str) -> bytes:
     """EFI_FILE_SYSTEM_INFO (§13.5.17)."""
     lab = (label + "\0").encode("utf-16-le")
-    return struct.pack("<QB7xQQI", FS_INFO_HEADER + len(lab), int(read_only), volume_size, free_space,
-                       BLOCK_SIZE) + lab
+    info = U.EFI_FILE_SYSTEM_INFO(Size=U.SIZE_OF_EFI_FILE_SYSTEM_INFO + len(lab), ReadOnly=int(read_only),
+                                  VolumeSize=volume_size, FreeSpace=free_space, BlockSize=BLOCK_SIZE)
+    return bytes(info)[:U.SIZE_OF_EFI_FILE_SYSTEM_INFO] + lab
 
 
 def used_bytes(real_root: str, limit: int = 200_000) -> int:
@@ -352,7 +356,7 @@ class EspVolume:
         self.files: dict[int, OpenFile] = {}
         self.handle = 0
         self.sfs_iface = 0
-        self._file_thunks = b""
+        self._file_protocol = U.EFI_FILE_PROTOCOL()   # what every open file's interface holds
         self.volume_bytes = 0
 
     # --- set-up -------------------------------------------------------------------------
@@ -377,11 +381,15 @@ class EspVolume:
         fw = self.fw
         self.volume_bytes = self._volume_size()[0]
         ids = fw.table.register_all("File(ESP)", self, FILE_ORDER)
-        self._file_thunks = b"".join(struct.pack("<Q", fw.port.thunk(i)) for i in ids)
-        (sfs_id,) = fw.table.register_all("SimpleFileSystem(ESP)", self, SFS_ORDER)
-        self.sfs_iface = fw.pool(16)
-        fw.mem.write(self.sfs_iface, struct.pack("<QQ", SIMPLE_FILE_SYSTEM_REVISION,
-                                                 fw.port.thunk(sfs_id)))
+        self._file_protocol = U.EFI_FILE_PROTOCOL(Revision=U.EFI_FILE_PROTOCOL.REVISION)
+        for name, i in zip(FILE_ORDER, ids):
+            setattr(self._file_protocol, name, fw.port.thunk(i))
+        (sfs_id,) = fw.table.register_all("SimpleFileSystem(ESP)", self,
+                                          U.function_names(U.EFI_SIMPLE_FILE_SYSTEM_PROTOCOL))
+        sfs = U.EFI_SIMPLE_FILE_SYSTEM_PROTOCOL(Revision=U.EFI_SIMPLE_FILE_SYSTEM_PROTOCOL.REVISION,
+                                                OpenVolume=fw.port.thunk(sfs_id))
+        self.sfs_iface = fw.pool(ctypes.sizeof(sfs))
+        fw.mem.write_struct(self.sfs_iface, sfs)
         nodes = self.device_path_nodes()
         self.handle = fw.handles.install_multiple(None, [(G.DEVICE_PATH, fw.device_path(nodes)),
                                                          (G.SIMPLE_FILE_SYSTEM, self.sfs_iface)])
@@ -443,7 +451,7 @@ class EspVolume:
 
     def _new_file(self, of: OpenFile) -> int:
         addr = self.fw.pool(FILE_STRUCT_SIZE)
-        self.mem.write(addr, struct.pack("<Q", FILE_PROTOCOL_REVISION) + self._file_thunks)
+        self.mem.write_struct(addr, self._file_protocol)
         self.files[addr] = of
         return addr
 
@@ -706,20 +714,20 @@ class EspVolume:
             self.label = raw.decode("utf-16-le", errors="replace").split("\0", 1)[0]
             return
         if information_type == G.FILE_SYSTEM_INFO:
-            if buffer_size < FS_INFO_HEADER + 2:
+            if buffer_size < U.SIZE_OF_EFI_FILE_SYSTEM_INFO + 2:
                 raise EfiError(S.BAD_BUFFER_SIZE, "EFI_FILE_SYSTEM_INFO too small")
-            self.label = raw[FS_INFO_HEADER:].decode("utf-16-le", errors="replace").split("\0", 1)[0]
+            self.label = raw[U.SIZE_OF_EFI_FILE_SYSTEM_INFO:].decode("utf-16-le", errors="replace").split("\0", 1)[0]
             return
         self._set_file_info(of, raw)
 
     def _set_file_info(self, of: OpenFile, raw: bytes) -> None:
-        if len(raw) < FILE_INFO_HEADER + 2:
+        if len(raw) < U.SIZE_OF_EFI_FILE_INFO + 2:
             raise EfiError(S.BAD_BUFFER_SIZE, "EFI_FILE_INFO too small")
-        size, file_size = struct.unpack_from("<QQ", raw, 0)
-        if size > len(raw) or size < FILE_INFO_HEADER + 2:
+        info = U.EFI_FILE_INFO.from_buffer_copy(raw[:U.SIZE_OF_EFI_FILE_INFO])
+        size, file_size, attribute = info.Size, info.FileSize, info.Attribute
+        if size > len(raw) or size < U.SIZE_OF_EFI_FILE_INFO + 2:
             raise EfiError(S.BAD_BUFFER_SIZE, f"EFI_FILE_INFO.Size {size}")
-        attribute = struct.unpack_from("<Q", raw, 72)[0]
-        name = raw[FILE_INFO_HEADER:size].decode("utf-16-le", errors="replace").split("\0", 1)[0]
+        name = raw[U.SIZE_OF_EFI_FILE_INFO:size].decode("utf-16-le", errors="replace").split("\0", 1)[0]
         if attribute & ~ATTR_VALID or bool(attribute & ATTR_DIRECTORY) != of.is_dir:
             raise EfiError(S.ACCESS_DENIED, f"attribute {attribute:#x} cannot change the file type")
         if not of.parts:  # the root: nothing to rename or resize
@@ -733,7 +741,7 @@ class EspVolume:
             st = os.fstat(fd)
             if not of.is_dir and file_size != st.st_size:
                 os.ftruncate(fd, file_size)
-            access, modify = parse_efi_time(raw[40:56]), parse_efi_time(raw[56:72])
+            access, modify = parse_efi_time(info.LastAccessTime), parse_efi_time(info.ModificationTime)
             if access is not None or modify is not None:
                 os.utime(fd, ns=(access if access is not None else st.st_atime_ns,
                                  modify if modify is not None else st.st_mtime_ns))
@@ -799,5 +807,6 @@ def _os_error(e: OSError, path: str) -> EfiError:
 
 
 __all__ = ["EspVolume", "esp_hook", "empty_volume_hook", "EMPTY_VOLUME_PARTUUID", "resolve", "classify", "lookup",
-           "open_beneath", "Refused", "Resolved", "encode_file_info", "file_info_from_stat", "encode_fs_info", "efi_time", "parse_efi_time",
+           "open_beneath", "Refused", "Resolved", "encode_file_info", "file_info_from_stat", "encode_fs_info", "efi_time",
+           "efi_time_struct", "parse_efi_time",
            "default_partuuid", "normalize_esp_path"]

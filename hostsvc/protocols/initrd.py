@@ -6,10 +6,9 @@ from __future__ import annotations
 from hostsvc import devicepath as DP
 from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import BOOL, OPTPTR, PTR, efiapi, size_in_out
 from hostsvc.status import EfiError
-
-LOAD_FILE2_ORDER = ["LoadFile"]
 
 
 class InitrdLoadFile2:
@@ -19,7 +18,7 @@ class InitrdLoadFile2:
         self.data = data
 
     def install(self) -> int:
-        iface = self.fw.interface("LoadFile2(initrd)", self, LOAD_FILE2_ORDER)
+        iface = self.fw.interface("LoadFile2(initrd)", self, U.EFI_LOAD_FILE2_PROTOCOL)
         path = self.fw.device_path([DP.vendor_media(G.LINUX_EFI_INITRD_MEDIA)])
         return self.fw.handles.install_multiple(None, [(G.DEVICE_PATH, path), (G.LOAD_FILE2, iface)])
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 from hostsvc import guids as G
 from hostsvc import status as S
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import OPTGUIDPTR, OPTPTR, PTR, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
-RNG_ORDER = ["GetInfo", "GetRNG"]
 ALGORITHMS = [G.RNG_ALGORITHM_RAW]
 
 
@@ -19,15 +20,16 @@ class Rng:
         self.mem = fw.mem
 
     def install(self) -> int:
-        iface = self.fw.interface("Rng", self, RNG_ORDER)
+        iface = self.fw.interface("Rng", self, U.EFI_RNG_PROTOCOL)
         return self.fw.handles.install(None, G.RNG, iface)
 
     @efiapi("GetInfo", ("this", PTR), ("rng_algorithm_list_size", PTR), ("rng_algorithm_list", OPTPTR))
     def get_info(self, this, rng_algorithm_list_size, rng_algorithm_list):
-        size_in_out(self.mem, rng_algorithm_list_size, 16 * len(ALGORITHMS), "the algorithm list")
+        algorithms = (U.EFI_GUID * len(ALGORITHMS))(*map(U.EFI_GUID.from_uuid, ALGORITHMS))
+        size_in_out(self.mem, rng_algorithm_list_size, ctypes.sizeof(algorithms), "the algorithm list")
         if not rng_algorithm_list:
             raise EfiError(S.INVALID_PARAMETER, "RNGAlgorithmList is NULL")
-        self.mem.write(rng_algorithm_list, b"".join(G.guid_to_bytes(a) for a in ALGORITHMS))
+        self.mem.write_struct(rng_algorithm_list, algorithms)
 
     @efiapi("GetRNG", ("this", PTR), ("rng_algorithm", OPTGUIDPTR), ("rng_value_length", UINTN),
             ("rng_value", PTR))

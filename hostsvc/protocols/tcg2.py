@@ -22,6 +22,7 @@ is installed, so call sites need no condition.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import Iterable
 
@@ -30,24 +31,21 @@ import structlog
 from hostsvc import guids as G
 from hostsvc import status as S
 from hostsvc import tpm as T
+from hostsvc import uefi_types as U
 from hostsvc.dispatch import PTR, OPTPTR, U32, U64, efiapi
 from hostsvc.memory import AllocType, MemType
 from hostsvc.status import EfiError
+from vmrun.formats import pe as PE
+from vmrun.vm.layout import PAGE_SIZE
 
 log = structlog.get_logger("hostsvc.tcg2")
 
-TCG2_ORDER = ["GetCapability", "GetEventLog", "HashLogExtendEvent", "SubmitCommand",
-              "GetActivePcrBanks", "SetActivePcrBanks", "GetResultOfSetActivePcrBanks"]
+TCG2_ORDER = U.function_names(U.EFI_TCG2_PROTOCOL)
 
-# EFI_TCG2_BOOT_SERVICE_CAPABILITY, natural alignment (not packed in the spec or in EDK2):
-# Size@0 StructureVersion@1 ProtocolVersion@3 HashAlgorithmBitmap@8 SupportedEventLogs@12
-# TPMPresentFlag@16 MaxCommandSize@18 MaxResponseSize@20 ManufacturerID@24 NumberOfPCRBanks@28
-# ActivePcrBanks@32 -> 36 bytes; the 1.0 structure (TREE_BOOT_SERVICE_CAPABILITY_1_0) ends after
-# ManufacturerID -> 28 bytes.
-CAPABILITY = struct.Struct("<BBBBB3xIIB1xHH2xIII")
-CAPABILITY_SIZE_1_1 = CAPABILITY.size
-CAPABILITY_SIZE_1_0 = 28
-assert CAPABILITY_SIZE_1_1 == 36
+# U.EFI_TCG2_BOOT_SERVICE_CAPABILITY: 36 bytes; the 1.0 structure (TREE_BOOT_SERVICE_CAPABILITY_1_0)
+# ends after ManufacturerID: 28 bytes
+CAPABILITY_SIZE_1_1 = ctypes.sizeof(U.EFI_TCG2_BOOT_SERVICE_CAPABILITY)
+CAPABILITY_SIZE_1_0 = U.EFI_TCG2_BOOT_SERVICE_CAPABILITY.NumberOfPCRBanks.offset
 
 EVENT_LOG_FORMAT_TCG_1_2 = 0x1
 EVENT_LOG_FORMAT_TCG_2 = 0x2
@@ -55,10 +53,8 @@ EVENT_LOG_FORMAT_TCG_2 = 0x2
 EFI_TCG2_EXTEND_ONLY = 0x1
 PE_COFF_IMAGE = 0x10
 
-EVENT_HEADER_SIZE = 14      # EFI_TCG2_EVENT_HEADER, packed: UINT32 UINT16 UINT32 UINT32
-EVENT_HEADER_VERSION = 1
-FINAL_EVENTS_HEADER = 16    # EFI_TCG2_FINAL_EVENTS_TABLE: UINT64 Version, UINT64 NumberOfEvents
-FINAL_EVENTS_VERSION = 1
+EVENT_HEADER_SIZE = ctypes.sizeof(U.EFI_TCG2_EVENT_HEADER)        # packed: 14 bytes
+FINAL_EVENTS_HEADER = ctypes.sizeof(U.EFI_TCG2_FINAL_EVENTS_TABLE)  # the events follow
 
 LOG_AREA_SIZE = 0x10000     # EDK2 PcdTcgLogAreaMinLen
 FINAL_AREA_SIZE = 0x8000    # EDK2 PcdTcg2FinalLogAreaLen
@@ -70,8 +66,6 @@ DEFAULT_BANKS = ("sha1", "sha256", "sha384", "sha512")
 SWTPM_MANUFACTURER_ID = 0x49424D00   # TPM_PT_MANUFACTURER "IBM\0"
 MAX_COMMAND_SIZE = 4096
 MAX_RESPONSE_SIZE = 4096
-
-PAGE = 4096
 
 
 class Tcg2:
@@ -109,7 +103,8 @@ class Tcg2:
         self.final_addr = alloc.allocate_pages(AllocType.AnyPages, MemType.ACPIMemoryNVS,
                                                _pages(self.final_size), owner="tpm")
         self.mem.fill(self.final_addr, self.final_size, 0xFF)
-        self.mem.write(self.final_addr, struct.pack("<QQ", FINAL_EVENTS_VERSION, 0))
+        self.mem.write_struct(self.final_addr, U.EFI_TCG2_FINAL_EVENTS_TABLE(
+            Version=U.EFI_TCG2_FINAL_EVENTS_TABLE.VERSION, NumberOfEvents=0))
         self.interface_addr = self.fw.interface("Tcg2", self, TCG2_ORDER)
         self.handle = self.fw.handles.install(None, G.TCG2, self.interface_addr)
         self.fw.set_config_table(G.EFI_TCG2_FINAL_EVENTS, self.final_addr)
@@ -122,10 +117,13 @@ class Tcg2:
     def bitmap(self) -> int:
         return T.bank_bitmap(self.banks)
 
-    def capability(self) -> bytes:
-        return CAPABILITY.pack(CAPABILITY_SIZE_1_1, 1, 1, 1, 1, self.bitmap, EVENT_LOG_FORMAT_TCG_2, 1,
-                               self.max_command_size, self.max_response_size, self.manufacturer_id,
-                               len(self.banks), self.bitmap)
+    def capability(self) -> U.EFI_TCG2_BOOT_SERVICE_CAPABILITY:
+        return U.EFI_TCG2_BOOT_SERVICE_CAPABILITY(
+            Size=CAPABILITY_SIZE_1_1, StructureVersion=U.EFI_TCG2_VERSION(1, 1),
+            ProtocolVersion=U.EFI_TCG2_VERSION(1, 1), HashAlgorithmBitmap=self.bitmap,
+            SupportedEventLogs=EVENT_LOG_FORMAT_TCG_2, TPMPresentFlag=1, MaxCommandSize=self.max_command_size,
+            MaxResponseSize=self.max_response_size, ManufacturerID=self.manufacturer_id,
+            NumberOfPCRBanks=len(self.banks), ActivePcrBanks=self.bitmap)
 
     # --- the measurement core ---------------------------------------------------------------
     def measure(self, pcr: int, event_type: int, event_data: bytes, *, data: bytes | None = None,
@@ -161,7 +159,9 @@ class Tcg2:
         self.mem.write(self.final_addr + FINAL_EVENTS_HEADER + self.final_used, raw)
         self.final_used += len(raw)
         self.final_events.append(ev)
-        self.mem.write_u64(self.final_addr + 8, len(self.final_events))
+        table = self.mem.read_struct(self.final_addr, U.EFI_TCG2_FINAL_EVENTS_TABLE)
+        table.NumberOfEvents = len(self.final_events)
+        self.mem.write_struct(self.final_addr, table)
         return S.SUCCESS
 
     def final_events_bytes(self) -> bytes:
@@ -206,9 +206,10 @@ class Tcg2:
             subsystem = hdr["subsystem"]
         if link_time_address is None:
             link_time_address = hdr["image_base"]
-        pcr, etype = {10: (4, T.EV_EFI_BOOT_SERVICES_APPLICATION),
-                      11: (2, T.EV_EFI_BOOT_SERVICES_DRIVER),
-                      12: (2, T.EV_EFI_RUNTIME_SERVICES_DRIVER)}.get(subsystem, (None, None))
+        pcr, etype = {PE.SUBSYSTEM_EFI_APPLICATION: (4, T.EV_EFI_BOOT_SERVICES_APPLICATION),
+                      PE.SUBSYSTEM_EFI_BOOT_SERVICE_DRIVER: (2, T.EV_EFI_BOOT_SERVICES_DRIVER),
+                      PE.SUBSYSTEM_EFI_RUNTIME_DRIVER: (2, T.EV_EFI_RUNTIME_SERVICES_DRIVER),
+                      }.get(subsystem, (None, None))
         if pcr is None:
             raise EfiError(S.UNSUPPORTED, f"PE subsystem {subsystem} is not measured")
         try:
@@ -229,18 +230,19 @@ class Tcg2:
     # --- EFI_TCG2_PROTOCOL --------------------------------------------------------------------
     @efiapi("GetCapability", ("this", PTR), ("protocol_capability", PTR))
     def get_capability(self, this, protocol_capability):
-        have = self.mem.read_u8(protocol_capability)
-        full = self.capability()
+        have = self.mem.read_u8(protocol_capability)  # Size, the caller's structure size
+        cap = self.capability()
         if have < CAPABILITY_SIZE_1_1:
             if have >= CAPABILITY_SIZE_1_0:
-                # a 1.0 caller (EDK2: "firmware supports 1.1 but the OS only 1.0")
-                v10 = bytearray(full[:CAPABILITY_SIZE_1_0])
-                v10[0:5] = bytes([CAPABILITY_SIZE_1_0, 1, 0, 1, 0])
-                self.mem.write(protocol_capability, bytes(v10))
+                # a 1.0 caller (EDK2: "firmware supports 1.1 but the OS only 1.0"): the structure
+                # up to ManufacturerID, versions 1.0
+                cap.Size = CAPABILITY_SIZE_1_0
+                cap.StructureVersion = cap.ProtocolVersion = U.EFI_TCG2_VERSION(1, 0)
+                self.mem.write(protocol_capability, bytes(cap)[:CAPABILITY_SIZE_1_0])
                 return S.SUCCESS
             self.mem.write_u8(protocol_capability, CAPABILITY_SIZE_1_1)
             raise EfiError(S.BUFFER_TOO_SMALL, f"Size {have} < {CAPABILITY_SIZE_1_1}")
-        self.mem.write(protocol_capability, full)
+        self.mem.write_struct(protocol_capability, cap)
         return S.SUCCESS
 
     @efiapi("GetEventLog", ("this", PTR), ("event_log_format", U32), ("event_log_location", OPTPTR),
@@ -263,9 +265,10 @@ class Tcg2:
     @efiapi("HashLogExtendEvent", ("this", PTR), ("flags", U64), ("data_to_hash", U64),
             ("data_to_hash_len", U64), ("efi_tcg_event", PTR))
     def hash_log_extend_event(self, this, flags, data_to_hash, data_to_hash_len, efi_tcg_event):
-        size, header_size, header_version, pcr, event_type = struct.unpack(
-            "<IIHII", self.mem.read(efi_tcg_event, 4 + EVENT_HEADER_SIZE))
-        if header_size < EVENT_HEADER_SIZE or header_version != EVENT_HEADER_VERSION:
+        ev = self.mem.read_struct(efi_tcg_event, U.EFI_TCG2_EVENT)
+        size, hdr = ev.Size, ev.Header
+        header_size, header_version, pcr, event_type = hdr.HeaderSize, hdr.HeaderVersion, hdr.PCRIndex, hdr.EventType
+        if header_size < EVENT_HEADER_SIZE or header_version != U.EFI_TCG2_EVENT_HEADER.VERSION:
             raise EfiError(S.INVALID_PARAMETER,
                            f"event header size {header_size} version {header_version} (need >= 14, 1)")
         if size < header_size + 4:
@@ -276,7 +279,8 @@ class Tcg2:
             if event_type == T.EV_NO_ACTION:
                 raise EfiError(S.UNSUPPORTED, f"EV_NO_ACTION to NV index {pcr:#x}: no NV indices")
             raise EfiError(S.INVALID_PARAMETER, f"PCRIndex {pcr} > {T.MAX_PCR_INDEX}")
-        event_data = self.mem.read(efi_tcg_event + 4 + header_size, size - 4 - header_size)
+        header_at = U.EFI_TCG2_EVENT.Header.offset  # Event follows the HeaderSize-byte header
+        event_data = self.mem.read(efi_tcg_event + header_at + header_size, size - header_at - header_size)
         extend_only = bool(flags & EFI_TCG2_EXTEND_ONLY)
         if event_type == T.EV_NO_ACTION:
             return self.measure(pcr, event_type, event_data, extend_only=extend_only)
@@ -315,7 +319,7 @@ class Tcg2:
 
 
 def _pages(size: int) -> int:
-    return (size + PAGE - 1) // PAGE
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE
 
 
 def _pe_header_fields(pe: bytes) -> dict:

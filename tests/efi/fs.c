@@ -15,67 +15,6 @@
  */
 #include "lib.h"
 
-/* ---- 13.4 / 13.5 (not in include/efi.h) ------------------------------------ */
-typedef struct _EFI_FILE_PROTOCOL EFI_FILE_PROTOCOL;
-struct _EFI_FILE_PROTOCOL {
-    UINT64 Revision;
-    EFI_STATUS (EFIAPI *Open)(EFI_FILE_PROTOCOL *This, EFI_FILE_PROTOCOL **NewHandle,
-                              CHAR16 *FileName, UINT64 OpenMode, UINT64 Attributes);
-    EFI_STATUS (EFIAPI *Close)(EFI_FILE_PROTOCOL *This);
-    EFI_STATUS (EFIAPI *Delete)(EFI_FILE_PROTOCOL *This);
-    EFI_STATUS (EFIAPI *Read)(EFI_FILE_PROTOCOL *This, UINTN *BufferSize, VOID *Buffer);
-    EFI_STATUS (EFIAPI *Write)(EFI_FILE_PROTOCOL *This, UINTN *BufferSize, VOID *Buffer);
-    EFI_STATUS (EFIAPI *GetPosition)(EFI_FILE_PROTOCOL *This, UINT64 *Position);
-    EFI_STATUS (EFIAPI *SetPosition)(EFI_FILE_PROTOCOL *This, UINT64 Position);
-    EFI_STATUS (EFIAPI *GetInfo)(EFI_FILE_PROTOCOL *This, EFI_GUID *InformationType,
-                                 UINTN *BufferSize, VOID *Buffer);
-    EFI_STATUS (EFIAPI *SetInfo)(EFI_FILE_PROTOCOL *This, EFI_GUID *InformationType,
-                                 UINTN BufferSize, VOID *Buffer);
-    EFI_STATUS (EFIAPI *Flush)(EFI_FILE_PROTOCOL *This);
-};
-
-typedef struct _EFI_SIMPLE_FILE_SYSTEM_PROTOCOL {
-    UINT64 Revision;
-    EFI_STATUS (EFIAPI *OpenVolume)(struct _EFI_SIMPLE_FILE_SYSTEM_PROTOCOL *This,
-                                    EFI_FILE_PROTOCOL **Root);
-} EFI_SIMPLE_FILE_SYSTEM_PROTOCOL;
-
-typedef struct {
-    UINT64   Size;
-    UINT64   FileSize;
-    UINT64   PhysicalSize;
-    EFI_TIME CreateTime;
-    EFI_TIME LastAccessTime;
-    EFI_TIME ModificationTime;
-    UINT64   Attribute;
-    CHAR16   FileName[];
-} EFI_FILE_INFO;
-
-typedef struct {
-    UINT64  Size;
-    BOOLEAN ReadOnly;
-    UINT64  VolumeSize;
-    UINT64  FreeSpace;
-    UINT32  BlockSize;
-    CHAR16  VolumeLabel[];
-} EFI_FILE_SYSTEM_INFO;
-
-#define EFI_FILE_MODE_READ    0x0000000000000001ULL
-#define EFI_FILE_MODE_WRITE   0x0000000000000002ULL
-#define EFI_FILE_MODE_CREATE  0x8000000000000000ULL
-#define EFI_FILE_READ_ONLY    0x01ULL
-#define EFI_FILE_DIRECTORY    0x10ULL
-#define EFI_WARN_DELETE_FAILURE 2ULL
-
-#define EFI_SIMPLE_FILE_SYSTEM_PROTOCOL_GUID \
-    {0x964e5b22, 0x6459, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}}
-#define EFI_FILE_INFO_ID \
-    {0x09576e92, 0x6d3f, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}}
-#define EFI_FILE_SYSTEM_INFO_ID \
-    {0x09576e93, 0x6d3f, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}}
-#define EFI_FILE_SYSTEM_VOLUME_LABEL_ID \
-    {0xdb47d7d3, 0xfe81, 0x11d3, {0x9a, 0x35, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d}}
-
 _Static_assert(__builtin_offsetof(EFI_FILE_INFO, FileName) == 80, "SIZE_OF_EFI_FILE_INFO");
 _Static_assert(__builtin_offsetof(EFI_FILE_SYSTEM_INFO, VolumeLabel) == 36, "SIZE_OF_EFI_FILE_SYSTEM_INFO");
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from vmrun.errors import GuestMemoryError
+from vmrun.vm.layout import PAGE_SIZE
 
 BP_EXT_RAMDISK_IMAGE = 0x0C0
 BP_EXT_RAMDISK_SIZE = 0x0C4
@@ -31,7 +32,7 @@ def find_boot_params(mem, allocations, system_table: int) -> int | None:
     for a in allocations:
         if a.owner == "firmware":
             continue
-        for off in range(0, min(a.pages, 16) * 4096, 4096):
+        for off in range(0, min(a.pages, 16) * PAGE_SIZE, PAGE_SIZE):
             base = a.start + off
             try:
                 sig, lo = struct.unpack("<4sI", mem.read(base + BP_EFI_INFO, 8))

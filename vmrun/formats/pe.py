@@ -25,6 +25,7 @@ from vmrun.errors import (
     VmrunError,
     WrongArchitectureError,
 )
+from vmrun.vm.layout import PAGE_SIZE
 
 __all__ = [
     "EFI_SUBSYSTEMS",
@@ -35,7 +36,12 @@ __all__ = [
     "parse_pe",
 ]
 
-EFI_SUBSYSTEMS = {10: "EFI application", 11: "EFI boot service driver", 12: "EFI runtime driver"}
+SUBSYSTEM_EFI_APPLICATION = 10
+SUBSYSTEM_EFI_BOOT_SERVICE_DRIVER = 11
+SUBSYSTEM_EFI_RUNTIME_DRIVER = 12
+EFI_SUBSYSTEMS = {SUBSYSTEM_EFI_APPLICATION: "EFI application",
+                  SUBSYSTEM_EFI_BOOT_SERVICE_DRIVER: "EFI boot service driver",
+                  SUBSYSTEM_EFI_RUNTIME_DRIVER: "EFI runtime driver"}
 
 SUBSYSTEM_NAMES = {
     0: "unknown",
@@ -82,7 +88,6 @@ _REL_NAMES = {1: "HIGH", 2: "LOW", 4: "HIGHADJ", 5: "ARM_MOV32/RISCV_HI20", 7: "
               8: "RISCV_LOW12S/LOONGARCH", 9: "MIPS_JMPADDR16"}
 
 MAX_IMAGE_SIZE = 1 << 30
-PAGE_SIZE = 0x1000
 
 _DOS_HEADER_SIZE = 64
 _COFF_SIZE = 20
@@ -186,7 +191,7 @@ class PEImage:
 
 
 # --------------------------------------------------------------------------------------------
-def load_file(path, *, allowed_subsystems=(10,)) -> PEImage:
+def load_file(path, *, allowed_subsystems=(SUBSYSTEM_EFI_APPLICATION,)) -> PEImage:
     """Read and parse the PE image at ``path``."""
     p = os.fspath(path)
     try:
@@ -203,7 +208,7 @@ def load_file(path, *, allowed_subsystems=(10,)) -> PEImage:
     return parse_pe(data, os.path.basename(p) or p, allowed_subsystems=allowed_subsystems)
 
 
-def parse_pe(data: bytes, name: str = "image", *, allowed_subsystems=(10,)) -> PEImage:
+def parse_pe(data: bytes, name: str = "image", *, allowed_subsystems=(SUBSYSTEM_EFI_APPLICATION,)) -> PEImage:
     """Parse and validate a PE32+ x86_64 image; raises a VmrunError subclass when unusable."""
     try:
         return _Parser(bytes(data), name, tuple(allowed_subsystems)).parse()

@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass
 
 from vmrun.errors import MalformedImageError
+from vmrun.vm.layout import PAGE_SIZE
 
 EM_X86_64 = 62
 ET_EXEC = 2
@@ -19,7 +20,6 @@ PHDR = struct.Struct("<IIQQQQQQ")
 NOTE_NAME = b"vmrun\0"
 NOTE_METADATA = 1     # desc: UTF-8 JSON
 NOTE_EVENT_LOG = 2    # desc: TCG event log bytes
-PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class LoadSegment:
     memsz: int
 
 
-def nonzero_runs(data, page: int = PAGE) -> list[tuple[int, int]]:
+def nonzero_runs(data, page: int = PAGE_SIZE) -> list[tuple[int, int]]:
     """[start, end) offsets of the runs of pages of ``data`` that are not all zero."""
     zero = bytes(page)
     view = memoryview(data)
@@ -60,8 +60,8 @@ def write_elf(path, entry: int, segments: list[LoadSegment], notes: list[tuple[i
     phdrs = [PHDR.pack(PT_NOTE, 4, note_off, 0, 0, len(note_blob), len(note_blob), 4)]
     placed = []
     for seg in segments:
-        off = (off + PAGE - 1) & ~(PAGE - 1)
-        phdrs.append(PHDR.pack(PT_LOAD, PF_RWX, off, seg.paddr, seg.paddr, len(seg.data), seg.memsz, PAGE))
+        off = (off + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        phdrs.append(PHDR.pack(PT_LOAD, PF_RWX, off, seg.paddr, seg.paddr, len(seg.data), seg.memsz, PAGE_SIZE))
         placed.append((off, seg.data))
         off += len(seg.data)
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)

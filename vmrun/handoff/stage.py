@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from hostsvc import uefi_types as U
 from hostsvc.memory import AllocType, MemType
 from vmrun.errors import VmrunError
 from vmrun.handoff import elf, state
@@ -131,11 +132,11 @@ def finalize_runtime_services(fw) -> None:
     """Point every runtime service at guest code that returns EFI_UNSUPPORTED: after
     ExitBootServices there is no host to answer (the EFI_RT_PROPERTIES_TABLE says so)."""
     from hostsvc.firmware import write_crc
-    rt = fw.runtime_services_table
-    n = (fw.mem.read_u32(rt + 12) - 24) // 8
-    for i in range(n):
-        fw.mem.write_u64(rt + 24 + 8 * i, fw.rt_unsupported)
-    write_crc(fw.mem, rt)
+    rt = fw.mem.read_struct(fw.runtime_services_table, U.EFI_RUNTIME_SERVICES)
+    for name in U.function_names(U.EFI_RUNTIME_SERVICES):
+        setattr(rt, name, fw.rt_unsupported)
+    fw.mem.write_struct(fw.runtime_services_table, rt)
+    write_crc(fw.mem, fw.runtime_services_table)
 
 
 @dataclass

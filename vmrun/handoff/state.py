@@ -56,7 +56,6 @@ GDT_CODE64 = 0x00AF9A000000FFFF   # present, DPL 0, execute/read, L=1, G
 GDT_DATA = 0x00CF92000000FFFF     # present, DPL 0, read/write, D/B, G
 GDT_CODE32 = 0x00CF9A000000FFFF   # present, DPL 0, execute/read, D=1 (32-bit), G
 GDT = (0, GDT_CODE64, GDT_DATA, GDT_CODE32)
-BELOW_4G = 1 << 32
 RFLAGS_KEEP = 0xCD5               # CF PF AF ZF SF DF OF: the payload's arithmetic flags only
 
 
@@ -83,9 +82,9 @@ def fxsave_image(fpu: abi.kvm_fpu) -> bytes:
 def build_state(base: int, regs: dict[str, int], sregs: dict[str, int], fpu: abi.kvm_fpu,
                 fs_base: int = 0, gs_base: int = 0, rax: int = 0, pat: int = L.PAT_DEFAULT) -> bytes:
     """The state block for a purgatory at ``base``."""
-    if base + PURGATORY_SIZE > BELOW_4G:
+    if base + PURGATORY_SIZE > L.FOUR_GIB:
         raise ValueError(f"purgatory at {base:#x} is not below 4 GiB")
-    if sregs["cr3"] >= BELOW_4G:
+    if sregs["cr3"] >= L.FOUR_GIB:
         raise ValueError(f"the frozen CR3 {sregs['cr3']:#x} is not below 4 GiB; a 5-level kexec entry "
                          "could not load it from 32-bit mode")
     st = bytearray(STATE_SIZE)

@@ -8,9 +8,10 @@ fixed offset from its base, listed here.
 
 from __future__ import annotations
 
-PAGE_SIZE = 0x1000
+PAGE_SIZE = 0x1000       # the x86 and UEFI page (EFI_PAGE_SIZE)
 PAGE_2M = 0x20_0000
 GIB = 1 << 30
+FOUR_GIB = 4 * GIB
 
 # --- hypercalls (must match guest/firmware.S; checked by tests) --------------------------------
 # CPL-3 thunks write to an unbacked guest-physical page (an MMIO exit): PVM runs CPL-3 code with
@@ -49,7 +50,7 @@ FW_FIXED_SIZE = FW_PAGE_TABLES  # page tables follow; their size depends on the 
 PAYLOAD_STACK_SIZE = 0x40000
 
 # --- limits ---------------------------------------------------------------------------------------
-FIRMWARE_BELOW = 4 * GIB          # where the firmware area and tables are placed
+FIRMWARE_BELOW = FOUR_GIB          # where the firmware area and tables are placed
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MEMORY_CAP = 2 * GIB      # bytes of guest memory the payload may allocate
 MAX_IDENTITY_MAP = 1 << 39        # 512 GiB: one PDPT

@@ -2,8 +2,9 @@
 
 Each RAM range of the presented memory map gets one anonymous ``MAP_NORESERVE`` mapping, so a
 24 GiB map costs nothing until the guest touches it. Loaders and services never compute mmap
-offsets themselves: they call ``read``/``write``/``read_u64``/… with a guest-physical address,
-and an address outside every range raises :class:`vmrun.errors.GuestMemoryError`.
+offsets themselves: they call ``read``/``write``/``read_u64``/… or, for a C structure,
+``read_struct``/``write_struct`` with a ctypes type (``hostsvc.uefi_types``) and a guest-physical
+address; an access not wholly inside one range raises :class:`vmrun.errors.GuestMemoryError`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vmrun.errors import GuestMemoryError
+from vmrun.vm.layout import PAGE_SIZE
 
-PAGE_SIZE = 4096
+#: A ctypes type: a Structure, an array of them, a scalar.
+CType = TypeVar("CType", bound="ctypes._CData")
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -144,6 +148,18 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         r, off = self._find(gpa, 8, "write")
         _U64.pack_into(r.view, off, value & 0xFFFFFFFFFFFFFFFF)
+
+    def read_struct(self, gpa: int, ctype: type[CType]) -> CType:
+        """A copy of the ``ctype`` (a ctypes Structure, array or scalar type) at ``gpa``; the
+        whole object must lie in guest memory (GuestMemoryError otherwise)."""
+        r, off = self._find(gpa, ctypes.sizeof(ctype), "read")
+        return ctype.from_buffer_copy(r.view, off)
+
+    def write_struct(self, gpa: int, obj: "ctypes._CData") -> None:
+        """Write ``obj`` (a ctypes Structure, array or scalar) at ``gpa``, all or nothing."""
+        size = ctypes.sizeof(obj)
+        r, off = self._find(gpa, size, "write")
+        ctypes.memmove(r.host_addr + off, ctypes.addressof(obj), size)
 
     def read_utf16z(self, gpa: int, max_chars: int = 32768) -> str:
         """A NUL-terminated UTF-16LE string (CHAR16*), at most ``max_chars`` characters."""

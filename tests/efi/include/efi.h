@@ -1,9 +1,13 @@
 /*
  * Minimal UEFI definitions for the vmrun EFI test applications.
  *
- * Written from the UEFI Specification 2.10 (chapters 4, 7, 8, 9, 10, 12, 37).
- * Only what the tests in tests/efi/ use.  Table layouts follow the spec order
- * exactly: the firmware under test is addressed through these offsets.
+ * Written from the UEFI Specification 2.10 (chapters 4, 7, 8, 9, 10, 12, 13, 37),
+ * the TCG EFI Protocol Specification (EFI_TCG2_*) and the TCG PC Client Platform
+ * Firmware Profile 1.05 section 10.2 (event log structures).  What the tests in
+ * tests/efi/ use, plus every structure vmrun's firmware (hostsvc/uefi_types.py)
+ * writes: tests/unit/test_uefi_types.py checks that module's sizes and offsets
+ * against this header.  Table layouts follow the spec order exactly: the
+ * firmware under test is addressed through these offsets.
  *
  * Calling convention: UEFI x64 uses the Microsoft x64 ABI.  mingw-w64 already
  * defaults to it; EFIAPI spells it out so the header also works elsewhere.
@@ -81,6 +85,8 @@ typedef struct {
 #define EFI_ABORTED               EFIERR(21)
 #define EFI_SECURITY_VIOLATION    EFIERR(26)
 
+#define EFI_WARN_DELETE_FAILURE   2ULL
+
 /* ---- 4.2 Table header ------------------------------------------------- */
 typedef struct {
     UINT64 Signature;
@@ -124,6 +130,22 @@ typedef UINT32 EFI_MEMORY_TYPE;
 #define EFI_PAGE_SIZE   4096
 #define EFI_PAGE_MASK   0xFFF
 #define EFI_SIZE_TO_PAGES(s) (((s) + EFI_PAGE_MASK) / EFI_PAGE_SIZE)
+
+#define EFI_MEMORY_UC             0x0000000000000001ULL
+#define EFI_MEMORY_WC             0x0000000000000002ULL
+#define EFI_MEMORY_WT             0x0000000000000004ULL
+#define EFI_MEMORY_WB             0x0000000000000008ULL
+#define EFI_MEMORY_UCE            0x0000000000000010ULL
+#define EFI_MEMORY_WP             0x0000000000001000ULL
+#define EFI_MEMORY_RP             0x0000000000002000ULL
+#define EFI_MEMORY_XP             0x0000000000004000ULL
+#define EFI_MEMORY_NV             0x0000000000008000ULL
+#define EFI_MEMORY_MORE_RELIABLE  0x0000000000010000ULL
+#define EFI_MEMORY_RO             0x0000000000020000ULL
+#define EFI_MEMORY_SP             0x0000000000040000ULL
+#define EFI_MEMORY_CPU_CRYPTO     0x0000000000080000ULL
+#define EFI_MEMORY_ISA_VALID      0x4000000000000000ULL
+#define EFI_MEMORY_RUNTIME        0x8000000000000000ULL
 
 #define EFI_MEMORY_DESCRIPTOR_VERSION 1
 typedef struct {
@@ -196,7 +218,21 @@ typedef struct {
     EFI_GUID                 Guid;
 } VENDOR_DEVICE_PATH;
 
+/* ---- 10.6 Device path to/from text --------------------------------------- */
+typedef struct {
+    CHAR16 *(EFIAPI *ConvertDeviceNodeToText)(IN const EFI_DEVICE_PATH_PROTOCOL *DeviceNode,
+                                              IN BOOLEAN DisplayOnly, IN BOOLEAN AllowShortcuts);
+    CHAR16 *(EFIAPI *ConvertDevicePathToText)(IN const EFI_DEVICE_PATH_PROTOCOL *DevicePath,
+                                              IN BOOLEAN DisplayOnly, IN BOOLEAN AllowShortcuts);
+} EFI_DEVICE_PATH_TO_TEXT_PROTOCOL;
+
+typedef struct {
+    EFI_DEVICE_PATH_PROTOCOL *(EFIAPI *ConvertTextToDeviceNode)(IN const CHAR16 *TextDeviceNode);
+    EFI_DEVICE_PATH_PROTOCOL *(EFIAPI *ConvertTextToDevicePath)(IN const CHAR16 *TextDevicePath);
+} EFI_DEVICE_PATH_FROM_TEXT_PROTOCOL;
+
 /* ---- 8.3 Time ------------------------------------------------------------ */
+#define EFI_UNSPECIFIED_TIMEZONE 0x07FF
 typedef struct {
     UINT16 Year;
     UINT8  Month;
@@ -447,6 +483,14 @@ typedef struct {
     VOID    *VendorTable;
 } EFI_CONFIGURATION_TABLE;
 
+/* ---- 4.6.2 EFI_RT_PROPERTIES_TABLE --------------------------------------- */
+#define EFI_RT_PROPERTIES_TABLE_VERSION 0x1
+typedef struct {
+    UINT16 Version;
+    UINT16 Length;
+    UINT32 RuntimeServicesSupported;
+} EFI_RT_PROPERTIES_TABLE;
+
 /* ---- 4.3 System table ---------------------------------------------------- */
 typedef struct {
     EFI_TABLE_HEADER                 Hdr;
@@ -505,6 +549,210 @@ typedef struct _EFI_LOAD_FILE2_PROTOCOL {
                                   IN OUT UINTN *BufferSize, IN VOID *Buffer OPTIONAL);
 } EFI_LOAD_FILE2_PROTOCOL;
 
+/* ---- 13.4 / 13.5 Simple file system, file protocol ----------------------- */
+typedef struct {
+    EFI_EVENT  Event;
+    EFI_STATUS Status;
+    UINTN      BufferSize;
+    VOID      *Buffer;
+} EFI_FILE_IO_TOKEN;
+
+#define EFI_FILE_PROTOCOL_REVISION   0x00010000
+#define EFI_FILE_PROTOCOL_REVISION2  0x00020000
+typedef struct _EFI_FILE_PROTOCOL EFI_FILE_PROTOCOL;
+struct _EFI_FILE_PROTOCOL {
+    UINT64 Revision;
+    EFI_STATUS (EFIAPI *Open)(EFI_FILE_PROTOCOL *This, EFI_FILE_PROTOCOL **NewHandle,
+                              CHAR16 *FileName, UINT64 OpenMode, UINT64 Attributes);
+    EFI_STATUS (EFIAPI *Close)(EFI_FILE_PROTOCOL *This);
+    EFI_STATUS (EFIAPI *Delete)(EFI_FILE_PROTOCOL *This);
+    EFI_STATUS (EFIAPI *Read)(EFI_FILE_PROTOCOL *This, UINTN *BufferSize, VOID *Buffer);
+    EFI_STATUS (EFIAPI *Write)(EFI_FILE_PROTOCOL *This, UINTN *BufferSize, VOID *Buffer);
+    EFI_STATUS (EFIAPI *GetPosition)(EFI_FILE_PROTOCOL *This, UINT64 *Position);
+    EFI_STATUS (EFIAPI *SetPosition)(EFI_FILE_PROTOCOL *This, UINT64 Position);
+    EFI_STATUS (EFIAPI *GetInfo)(EFI_FILE_PROTOCOL *This, EFI_GUID *InformationType,
+                                 UINTN *BufferSize, VOID *Buffer);
+    EFI_STATUS (EFIAPI *SetInfo)(EFI_FILE_PROTOCOL *This, EFI_GUID *InformationType,
+                                 UINTN BufferSize, VOID *Buffer);
+    EFI_STATUS (EFIAPI *Flush)(EFI_FILE_PROTOCOL *This);
+    /* EFI_FILE_PROTOCOL_REVISION2 */
+    EFI_STATUS (EFIAPI *OpenEx)(EFI_FILE_PROTOCOL *This, EFI_FILE_PROTOCOL **NewHandle,
+                                CHAR16 *FileName, UINT64 OpenMode, UINT64 Attributes,
+                                EFI_FILE_IO_TOKEN *Token);
+    EFI_STATUS (EFIAPI *ReadEx)(EFI_FILE_PROTOCOL *This, EFI_FILE_IO_TOKEN *Token);
+    EFI_STATUS (EFIAPI *WriteEx)(EFI_FILE_PROTOCOL *This, EFI_FILE_IO_TOKEN *Token);
+    EFI_STATUS (EFIAPI *FlushEx)(EFI_FILE_PROTOCOL *This, EFI_FILE_IO_TOKEN *Token);
+};
+
+#define EFI_SIMPLE_FILE_SYSTEM_PROTOCOL_REVISION 0x00010000
+typedef struct _EFI_SIMPLE_FILE_SYSTEM_PROTOCOL {
+    UINT64 Revision;
+    EFI_STATUS (EFIAPI *OpenVolume)(struct _EFI_SIMPLE_FILE_SYSTEM_PROTOCOL *This,
+                                    EFI_FILE_PROTOCOL **Root);
+} EFI_SIMPLE_FILE_SYSTEM_PROTOCOL;
+
+typedef struct {
+    UINT64   Size;
+    UINT64   FileSize;
+    UINT64   PhysicalSize;
+    EFI_TIME CreateTime;
+    EFI_TIME LastAccessTime;
+    EFI_TIME ModificationTime;
+    UINT64   Attribute;
+    CHAR16   FileName[];
+} EFI_FILE_INFO;
+#define SIZE_OF_EFI_FILE_INFO __builtin_offsetof(EFI_FILE_INFO, FileName)
+
+typedef struct {
+    UINT64  Size;
+    BOOLEAN ReadOnly;
+    UINT64  VolumeSize;
+    UINT64  FreeSpace;
+    UINT32  BlockSize;
+    CHAR16  VolumeLabel[];
+} EFI_FILE_SYSTEM_INFO;
+#define SIZE_OF_EFI_FILE_SYSTEM_INFO __builtin_offsetof(EFI_FILE_SYSTEM_INFO, VolumeLabel)
+
+#define EFI_FILE_MODE_READ    0x0000000000000001ULL
+#define EFI_FILE_MODE_WRITE   0x0000000000000002ULL
+#define EFI_FILE_MODE_CREATE  0x8000000000000000ULL
+#define EFI_FILE_READ_ONLY    0x01ULL
+#define EFI_FILE_HIDDEN       0x02ULL
+#define EFI_FILE_SYSTEM       0x04ULL
+#define EFI_FILE_RESERVED     0x08ULL
+#define EFI_FILE_DIRECTORY    0x10ULL
+#define EFI_FILE_ARCHIVE      0x20ULL
+#define EFI_FILE_VALID_ATTR   0x37ULL
+
+/* ---- TCG EFI Protocol Specification: EFI_TCG2_PROTOCOL -------------------- */
+typedef UINT32 EFI_TCG2_EVENT_LOG_BITMAP;
+typedef UINT32 EFI_TCG2_EVENT_LOG_FORMAT;
+typedef UINT32 EFI_TCG2_EVENT_ALGORITHM_BITMAP;
+#define EFI_TCG2_EVENT_LOG_FORMAT_TCG_1_2  0x00000001
+#define EFI_TCG2_EVENT_LOG_FORMAT_TCG_2    0x00000002
+#define EFI_TCG2_EXTEND_ONLY               0x0000000000000001ULL
+#define PE_COFF_IMAGE                      0x0000000000000010ULL
+
+typedef struct {
+    UINT8 Major;
+    UINT8 Minor;
+} EFI_TCG2_VERSION;
+
+typedef struct {                        /* natural alignment, not packed */
+    UINT8                           Size;
+    EFI_TCG2_VERSION                StructureVersion;
+    EFI_TCG2_VERSION                ProtocolVersion;
+    EFI_TCG2_EVENT_ALGORITHM_BITMAP HashAlgorithmBitmap;
+    EFI_TCG2_EVENT_LOG_BITMAP       SupportedEventLogs;
+    BOOLEAN                         TPMPresentFlag;
+    UINT16                          MaxCommandSize;
+    UINT16                          MaxResponseSize;
+    UINT32                          ManufacturerID;
+    UINT32                          NumberOfPCRBanks;
+    EFI_TCG2_EVENT_ALGORITHM_BITMAP ActivePcrBanks;
+} EFI_TCG2_BOOT_SERVICE_CAPABILITY;
+
+#define EFI_TCG2_EVENT_HEADER_VERSION 1
+#pragma pack(push, 1)
+typedef struct {
+    UINT32 HeaderSize;
+    UINT16 HeaderVersion;
+    UINT32 PCRIndex;
+    UINT32 EventType;
+} EFI_TCG2_EVENT_HEADER;
+
+typedef struct {
+    UINT32                Size;
+    EFI_TCG2_EVENT_HEADER Header;
+    UINT8                 Event[];
+} EFI_TCG2_EVENT;
+#pragma pack(pop)
+
+struct _EFI_TCG2_PROTOCOL;
+#define _TCG2 struct _EFI_TCG2_PROTOCOL
+typedef struct _EFI_TCG2_PROTOCOL {
+    EFI_STATUS (EFIAPI *GetCapability)(IN _TCG2 *This,
+                                       IN OUT EFI_TCG2_BOOT_SERVICE_CAPABILITY *ProtocolCapability);
+    EFI_STATUS (EFIAPI *GetEventLog)(IN _TCG2 *This, IN EFI_TCG2_EVENT_LOG_FORMAT EventLogFormat,
+                                     OUT EFI_PHYSICAL_ADDRESS *EventLogLocation,
+                                     OUT EFI_PHYSICAL_ADDRESS *EventLogLastEntry,
+                                     OUT BOOLEAN *EventLogTruncated);
+    EFI_STATUS (EFIAPI *HashLogExtendEvent)(IN _TCG2 *This, IN UINT64 Flags,
+                                            IN EFI_PHYSICAL_ADDRESS DataToHash,
+                                            IN UINT64 DataToHashLen, IN EFI_TCG2_EVENT *EfiTcgEvent);
+    EFI_STATUS (EFIAPI *SubmitCommand)(IN _TCG2 *This, IN UINT32 InputParameterBlockSize,
+                                       IN UINT8 *InputParameterBlock,
+                                       IN UINT32 OutputParameterBlockSize,
+                                       IN UINT8 *OutputParameterBlock);
+    EFI_STATUS (EFIAPI *GetActivePcrBanks)(IN _TCG2 *This, OUT UINT32 *ActivePcrBanks);
+    EFI_STATUS (EFIAPI *SetActivePcrBanks)(IN _TCG2 *This, IN UINT32 ActivePcrBanks);
+    EFI_STATUS (EFIAPI *GetResultOfSetActivePcrBanks)(IN _TCG2 *This, OUT UINT32 *OperationPresent,
+                                                      OUT UINT32 *Response);
+} EFI_TCG2_PROTOCOL;
+#undef _TCG2
+
+#define EFI_TCG2_FINAL_EVENTS_TABLE_VERSION 1
+typedef struct {
+    UINT64 Version;
+    UINT64 NumberOfEvents;
+    /* TCG_PCR_EVENT2 Event[NumberOfEvents] follows (variable-sized records) */
+} EFI_TCG2_FINAL_EVENTS_TABLE;
+
+/* ---- TCG PC Client PFP 1.05 section 10.2: event log structures ------------- */
+#pragma pack(push, 1)
+typedef struct {
+    UINT32 PCRIndex;
+    UINT32 EventType;
+    UINT8  Digest[20];
+    UINT32 EventSize;
+    UINT8  Event[];
+} TCG_PCR_EVENT;
+
+typedef struct {
+    UINT16 algorithmId;
+    UINT16 digestSize;
+} TCG_EfiSpecIdEventAlgorithmSize;
+
+typedef struct {
+    UINT8  signature[16];
+    UINT32 platformClass;
+    UINT8  specVersionMinor;
+    UINT8  specVersionMajor;
+    UINT8  specErrata;
+    UINT8  uintnSize;
+    UINT32 numberOfAlgorithms;
+    TCG_EfiSpecIdEventAlgorithmSize digestSizes[];
+    /* UINT8 vendorInfoSize; UINT8 vendorInfo[vendorInfoSize]; */
+} TCG_EfiSpecIDEventStruct;
+
+typedef struct {
+    UINT8 Signature[16];
+    UINT8 StartupLocality;
+} TCG_EfiStartupLocalityEvent;
+
+typedef struct {
+    UINT32 taggedEventID;
+    UINT32 taggedEventDataSize;
+    UINT8  taggedEventData[];
+} TCG_PCClientTaggedEvent;
+
+typedef struct {
+    EFI_PHYSICAL_ADDRESS ImageLocationInMemory;
+    UINT64               ImageLengthInMemory;
+    UINT64               ImageLinkTimeAddress;
+    UINT64               LengthOfDevicePath;
+    UINT8                DevicePath[];
+} UEFI_IMAGE_LOAD_EVENT;
+
+typedef struct {
+    EFI_GUID VariableName;
+    UINT64   UnicodeNameLength;
+    UINT64   VariableDataLength;
+    CHAR16   UnicodeName[];
+    /* INT8 VariableData[VariableDataLength] follows the name */
+} UEFI_VARIABLE_DATA;
+#pragma pack(pop)
+
 /* ---- GUIDs --------------------------------------------------------------- */
 #define EFI_LOADED_IMAGE_PROTOCOL_GUID \
     {0x5B1B31A1, 0x9562, 0x11d2, {0x8E, 0x3F, 0x00, 0xA0, 0xC9, 0x69, 0x72, 0x3B}}
@@ -525,6 +773,28 @@ typedef struct _EFI_LOAD_FILE2_PROTOCOL {
 #define EFI_GLOBAL_VARIABLE \
     {0x8BE4DF61, 0x93CA, 0x11d2, {0xAA, 0x0D, 0x00, 0xE0, 0x98, 0x03, 0x2B, 0x8C}}
 #define EFI_ACPI_20_TABLE_GUID \
-    {0x8868e871, 0xe4f1, 0x11d3, {0xbc, 0x22, 0x00, 0x80, 0xc7, 0xc7, 0x3c, 0x4b}}
+    {0x8868e871, 0xe4f1, 0x11d3, {0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81}}
+#define EFI_DEVICE_PATH_TO_TEXT_PROTOCOL_GUID \
+    {0x8b843e20, 0x8132, 0x4852, {0x90, 0xcc, 0x55, 0x1a, 0x4e, 0x4a, 0x7f, 0x1c}}
+#define EFI_DEVICE_PATH_FROM_TEXT_PROTOCOL_GUID \
+    {0x05c99a21, 0xc70f, 0x4ad2, {0x8a, 0x5f, 0x35, 0xdf, 0x33, 0x43, 0xf5, 0x1e}}
+#define EFI_SIMPLE_FILE_SYSTEM_PROTOCOL_GUID \
+    {0x964e5b22, 0x6459, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}}
+#define EFI_FILE_INFO_ID \
+    {0x09576e92, 0x6d3f, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}}
+#define EFI_FILE_SYSTEM_INFO_ID \
+    {0x09576e93, 0x6d3f, 0x11d2, {0x8e, 0x39, 0x00, 0xa0, 0xc9, 0x69, 0x72, 0x3b}}
+#define EFI_FILE_SYSTEM_VOLUME_LABEL_ID \
+    {0xdb47d7d3, 0xfe81, 0x11d3, {0x9a, 0x35, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d}}
+#define EFI_TCG2_PROTOCOL_GUID \
+    {0x607f766c, 0x7455, 0x42be, {0x93, 0x0b, 0xe4, 0xd7, 0x6d, 0xb2, 0x72, 0x0f}}
+#define EFI_TCG2_FINAL_EVENTS_TABLE_GUID \
+    {0x1e2ed096, 0x30e2, 0x4254, {0xbd, 0x89, 0x86, 0x3b, 0xbe, 0xf8, 0x23, 0x25}}
+#define EFI_RT_PROPERTIES_TABLE_GUID \
+    {0xeb66918a, 0x7eef, 0x402a, {0x84, 0x2e, 0x93, 0x1d, 0x21, 0xc3, 0x8a, 0xe9}}
+#define EFI_IMAGE_SECURITY_DATABASE_GUID \
+    {0xd719b2cb, 0x3d3a, 0x4596, {0xa3, 0xbc, 0xda, 0xd0, 0x0e, 0x67, 0x65, 0x6f}}
+#define LINUX_EFI_INITRD_MEDIA_GUID \
+    {0x5568e427, 0x68fc, 0x4f3d, {0xac, 0x74, 0xca, 0x55, 0x52, 0x31, 0xcc, 0x68}}
 
 #endif /* VMRUN_TEST_EFI_H */
