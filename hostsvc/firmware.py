@@ -74,6 +74,12 @@ class Firmware:
         self.variables = VariableStore()
         self.volumes: dict[int, object] = {}  # SimpleFileSystem handle → volume (LoadImage by path)
         self.tcg2 = None
+        # set by hostsvc.setup.build_firmware and the services themselves (declared here, one list)
+        self.system_table = 0            # EFI_SYSTEM_TABLE (build_system_table)
+        self.boot_services_table = 0     # EFI_BOOT_SERVICES
+        self.runtime_services_table = 0  # EFI_RUNTIME_SERVICES
+        self.rt_unsupported = 0          # guest code returning EFI_UNSUPPORTED, for after ExitBootServices
+        self.watchdog = 0                # SetWatchdogTimer's last timeout (the run's own limit governs)
 
         fw_size = port.firmware_area_size()
         pages = (fw_size + L.PAGE_SIZE - 1) // L.PAGE_SIZE

@@ -7,7 +7,6 @@ payload returning), and describe what happened.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import pathlib
 import struct
@@ -19,25 +18,19 @@ import structlog
 
 from hostsvc import guids as G
 from hostsvc import status as S
-from hostsvc import uefi_types as U
-from hostsvc.boot_services import BootServices, ExitBootServicesCalled
-from hostsvc.firmware import Firmware, FirmwareOptions
+from hostsvc.boot_services import ExitBootServicesCalled
+from hostsvc.firmware import Firmware
 from hostsvc.images import ImageExit, load_image, start_image
 from hostsvc.memmap import TargetMemoryMap
-from hostsvc.memory import AllocType, MemType
-from hostsvc.protocols.console import TextInput, TextOutput
-from hostsvc.protocols.initrd import InitrdLoadFile2
-from hostsvc import tpm as T
 from hostsvc.protocols import tcg2 as TCG2
-from hostsvc.protocols.devicepath_text import DevicePathText
-from hostsvc.protocols.rng import Rng
-from hostsvc.variables import BOOTSERVICE_ACCESS, RUNTIME_ACCESS
-from hostsvc.runtime_services import ResetSystemCalled, RuntimeServices
+from hostsvc.runtime_services import ResetSystemCalled
+from hostsvc.setup import FirmwareSpec, build_firmware
 from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, PayloadHalted, RunTimeout,
                           VmrunError)
 from vmrun.formats import linux
 from vmrun.formats import pe as PE
 from vmrun.vm import layout as L
+from vmrun.vm.cpu import load_blob
 from vmrun.vm.devices import standard_bus
 from vmrun.vm.emulate import Emulator
 from vmrun.vm.machine import Machine, RunLimits
@@ -148,15 +141,6 @@ class RunResult:
         return d
 
 
-def _install_tables(fw: Firmware) -> tuple[int, int]:
-    bs_addr = fw.service_table("BootServices", BootServices(fw), U.EFI_BOOT_SERVICES,
-                               MemType.BootServicesData)
-    rt_addr = fw.service_table("RuntimeServices", RuntimeServices(fw), U.EFI_RUNTIME_SERVICES,
-                               MemType.RuntimeServicesData)
-    fw.boot_services_table, fw.runtime_services_table = bs_addr, rt_addr
-    return bs_addr, rt_addr
-
-
 SYSTAB = pathlib.Path("/sys/firmware/efi/systab")
 
 
@@ -200,7 +184,7 @@ def host_smbios_tables(systab: pathlib.Path = SYSTAB, dmi: pathlib.Path = DMI_TA
     return []
 
 
-def _install_target_tables(fw: Firmware, options: "RunOptions", target_is_host: bool) -> None:
+def target_config_tables(options: "RunOptions", target_is_host: bool) -> list[tuple]:
     """ACPI/SMBIOS configuration tables pointing at the target machine's own tables, so the next
     kernel finds them; omitted when unknown (a kernel then scans as it would without EFI)."""
     host = host_firmware_tables() if target_is_host else {}
@@ -208,29 +192,8 @@ def _install_target_tables(fw: Firmware, options: "RunOptions", target_is_host: 
     acpi1 = host.get("ACPI") if options.acpi_rsdp is None else None
     smbios = options.smbios if options.smbios is not None else host.get("SMBIOS")
     smbios3 = options.smbios3 if options.smbios3 is not None else host.get("SMBIOS3")
-    for guid, addr in ((G.ACPI_20_TABLE, acpi20), (G.ACPI_TABLE, acpi1), (G.SMBIOS_TABLE, smbios),
-                       (G.SMBIOS3_TABLE, smbios3)):
-        if addr:
-            fw.set_config_table(guid, addr)
-
-
-def _install_runtime_after_ebs(fw: Firmware, machine: Machine) -> None:
-    """What remains of the firmware after ExitBootServices: a RuntimeServicesCode page whose code
-    returns EFI_UNSUPPORTED (the handoff points every runtime service at it), and an
-    EFI_RT_PROPERTIES_TABLE (UEFI 2.10 §4.6.2) saying no runtime service is supported."""
-    blob = machine.fw.blob
-    start = blob.symbols["rt_unsupported"]
-    code = blob.code[start:blob.symbols["svc_thunks"]]
-    page = fw.alloc.allocate_pages(AllocType.MaxAddress, MemType.RuntimeServicesCode, 1, L.FIRMWARE_BELOW - 1,
-                                   owner="firmware")
-    fw.mem.fill(page, L.PAGE_SIZE, 0xCC)
-    fw.mem.write(page, code)
-    fw.rt_unsupported = page
-    props = U.EFI_RT_PROPERTIES_TABLE(Version=U.EFI_RT_PROPERTIES_TABLE.VERSION,
-                                      Length=ctypes.sizeof(U.EFI_RT_PROPERTIES_TABLE), RuntimeServicesSupported=0)
-    table = fw.pool(ctypes.sizeof(props), MemType.RuntimeServicesData)
-    fw.mem.write_struct(table, props)
-    fw.set_config_table(G.EFI_RT_PROPERTIES_TABLE, table)
+    return [(guid, addr) for guid, addr in ((G.ACPI_20_TABLE, acpi20), (G.ACPI_TABLE, acpi1),
+                                            (G.SMBIOS_TABLE, smbios), (G.SMBIOS3_TABLE, smbios3)) if addr]
 
 
 def _freeze(fw: Firmware, machine: Machine, e: ExitBootServicesCalled) -> FrozenState:
@@ -281,31 +244,12 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
     outcome, error, exit_status, frozen = "", None, None, None
     emulator = None
     try:
-        fw = Firmware(GuestPort(machine), target,
-                      FirmwareOptions(cmdline=options.cmdline, trace=options.trace, memory_cap=options.memory_cap))
-        # what firmware without enrolled Secure Boot keys publishes (UEFI 2.10 §3.3); the seeds
-        # below override them, and PCR 7's Secure Boot policy events measure them
-        fw.variables.seed("SecureBoot", G.EFI_GLOBAL_VARIABLE, b"\x00", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
-        fw.variables.seed("SetupMode", G.EFI_GLOBAL_VARIABLE, b"\x01", BOOTSERVICE_ACCESS | RUNTIME_ACCESS)
-        for name, guid, value, *attrs in options.variables:
-            fw.variables.seed(name, guid, value, *attrs)
-        bs, rt = _install_tables(fw)
-        con_out = TextOutput(fw)
-        out_handle, out_iface = con_out.install("stdout")
-        err_handle, err_iface = con_out.install("stderr")
-        con_in = TextInput(fw)
-        in_handle, in_iface = con_in.install()
-        fw.build_system_table(bs, rt, in_handle, in_iface, out_handle, out_iface, err_handle, err_iface)
-        _install_runtime_after_ebs(fw, machine)
-        _install_target_tables(fw, options, target_is_host=target_is_host)
-        Rng(fw).install()
-        DevicePathText(fw).install()
-        if options.tpm:
-            tpm = TCG2.install(fw, options.tpm_banks)
-            if options.pcr_base:
-                tpm.pcrs = T.PcrBanks(tpm.banks, base=options.pcr_base)
-        if initrd is not None:
-            InitrdLoadFile2(fw, initrd).install()
+        blob = load_blob()  # the same guest/firmware.bin the machine installs
+        fw = build_firmware(GuestPort(machine), target, FirmwareSpec(
+            cmdline=options.cmdline, trace=options.trace, memory_cap=options.memory_cap,
+            variables=list(options.variables), config_tables=target_config_tables(options, target_is_host),
+            rt_unsupported_code=blob.code[blob.symbols["rt_unsupported"]:blob.symbols["svc_thunks"]],
+            tpm=options.tpm, tpm_banks=options.tpm_banks, pcr_base=options.pcr_base, initrd=initrd))
 
         def uart_line(line: str) -> None:
             serial_lines.append(line)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from hostsvc import uefi_types as U
 from hostsvc.memory import AllocType, MemType
+from hostsvc.setup import finalize_runtime_services
 from vmrun.errors import VmrunError
 from vmrun.handoff import elf, state
 from vmrun.vm import layout as L
@@ -128,17 +128,6 @@ def changed_tables(machine) -> list[dict]:
     return out
 
 
-def finalize_runtime_services(fw) -> None:
-    """Point every runtime service at guest code that returns EFI_UNSUPPORTED: after
-    ExitBootServices there is no host to answer (the EFI_RT_PROPERTIES_TABLE says so)."""
-    from hostsvc.firmware import write_crc
-    rt = fw.mem.read_struct(fw.runtime_services_table, U.EFI_RUNTIME_SERVICES)
-    for name in U.function_names(U.EFI_RUNTIME_SERVICES):
-        setattr(rt, name, fw.rt_unsupported)
-    fw.mem.write_struct(fw.runtime_services_table, rt)
-    write_crc(fw.mem, fw.runtime_services_table)
-
-
 @dataclass
 class Handoff:
     """A staged handoff in memory: what ``vmrun stage`` writes and ``vmrun load`` passes to
@@ -177,7 +166,7 @@ def build(result, *, allow_stray_writes: bool = False, extra_metadata: dict | No
         raise StrayWritesError(f"the payload wrote {sum(s['pages'] for s in stray)} page(s) it does not own "
                                f"(first {first['start']}-{first['end']}); refusing to stage "
                                "(--allow-stray-writes to stage anyway)", stray_writes=stray)
-    finalize_runtime_services(fw)
+    finalize_runtime_services(fw)  # hostsvc.setup: the runtime switch after ExitBootServices
     for sg in extra_segments:
         fw.mem.write(sg.paddr, sg.data)
     # the purgatory goes into two free pages; the stub's memory map is final, so this is our
