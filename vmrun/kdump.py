@@ -99,6 +99,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from vmrun.vm.memory import merge_spans
 from hostsvc.memmap import PhysRange, RangeKind, TargetMemoryMap
 from hostsvc.uefi_types import MemType
 from vmrun.vm.layout import FOUR_GIB, PAGE_SIZE
@@ -156,17 +157,7 @@ PN_XNUM = 0xFFFF
 
 # --- interval helpers --------------------------------------------------------------------------
 
-def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted union of half-open spans (overlapping or touching ones merged)."""
-    out: list[list[int]] = []
-    for s, e in sorted(spans):
-        if e <= s:
-            continue
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
+_merge = merge_spans  # sorted union of half-open spans
 
 
 def _subtract(spans: Iterable[tuple[int, int]], holes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

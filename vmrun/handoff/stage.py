@@ -22,6 +22,7 @@ from hostsvc.setup import finalize_runtime_services
 from vmrun.errors import VmrunError
 from vmrun.handoff import elf, state
 from vmrun.vm import layout as L
+from vmrun.vm.memory import merge_spans
 from vmrun.vm.kvm import abi
 
 log = structlog.get_logger("vmrun.handoff")
@@ -55,14 +56,7 @@ class StageReport:
 
 
 def _page_ranges(allocations) -> list[tuple[int, int]]:
-    spans = sorted((a.start, a.start + a.pages * L.PAGE_SIZE) for a in allocations if a.start > 0)
-    merged: list[list[int]] = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return [(s, e) for s, e in merged]
+    return merge_spans((a.start, a.start + a.pages * L.PAGE_SIZE) for a in allocations if a.start > 0)
 
 
 def plan_segments(ranges: list[tuple[int, int]], ram: list[tuple[int, int]], limit: int = MAX_SEGMENTS

@@ -28,7 +28,7 @@ from vmrun.errors import KvmError, PayloadFault, RunTimeout
 from vmrun.vm import cpu, layout as L
 from vmrun.vm.kvm import abi, exits
 from vmrun.vm.kvm.vm import Kvm, Vcpu, Vm
-from vmrun.vm.memory import GuestMemory
+from vmrun.vm.memory import GuestMemory, merge_spans
 
 log = structlog.get_logger("vmrun.vm.machine")
 
@@ -98,15 +98,8 @@ def table_pages(tables: list[tuple[int, bytes]], ram_ranges: list[tuple[int, int
         start, end = addr & ~(L.PAGE_SIZE - 1), (addr + len(data) + L.PAGE_SIZE - 1) & ~(L.PAGE_SIZE - 1)
         if not data or end > 4 * L.GIB or any(start < e and s < end for s, e in ram_ranges):
             continue
-        spans.append([start, end])
-    spans.sort()
-    merged: list[list[int]] = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return [(s, e) for s, e in merged]
+        spans.append((start, end))
+    return merge_spans(spans)
 
 
 class Machine:

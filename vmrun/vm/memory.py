@@ -40,6 +40,20 @@ class Region:
         return self.gpa + self.size
 
 
+def merge_spans(spans) -> list[tuple[int, int]]:
+    """Sorted union of half-open [start, end) spans: overlapping or touching ones merged, empty
+    ones dropped."""
+    out: list[list[int]] = []
+    for s, e in sorted(spans):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
 class GuestMemory:
     """A set of non-overlapping, page-aligned guest-physical ranges, each backed by host memory."""
 
