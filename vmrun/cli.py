@@ -96,6 +96,9 @@ def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, t
 
     if timeout <= 0:
         raise BadOptionError(f"--timeout {timeout:g}: must be positive")
+    if esp_writable and esp is None:
+        raise BadOptionError("--esp-writable needs --esp DIR (without it the payload's volume is empty "
+                             "and read-only)")
     if esp is not None and not esp.is_dir():
         raise BadOptionError(f"--esp {esp}: not a folder")
     banks = tuple(b.strip().lower() for b in pcr_banks.split(",") if b.strip())

@@ -94,3 +94,9 @@ def test_json_summary_of_a_kernel(bookworm_kernel, test_initrd):
     ebs = [t for t in d["trace"] if t["service"] == "ExitBootServices"]
     assert [t["status"] for t in ebs] == ["SUCCESS"], ebs
     assert d["trace"][-1]["service"] == "ExitBootServices"  # nothing runs after it
+
+
+def test_esp_writable_without_esp_is_a_usage_error(bookworm_kernel):
+    r = vmrun("run", bookworm_kernel, "--esp-writable")
+    assert r.returncode == E.BadOptionError.exit_code
+    assert "--esp-writable needs --esp" in one_line_error(r)
