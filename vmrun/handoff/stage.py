@@ -110,8 +110,9 @@ def stray_writes(machine, allocations, extra: list[tuple[int, int]] = ()) -> lis
 
 def changed_tables(machine) -> list[dict]:
     """The target's firmware tables (SMBIOS) the payload changed in the VM. Their pages are
-    not staged (the machine has them) and the dirty log cannot judge them: a read can mark a
-    page dirty where the host's KVM uses shadow paging (nested on TCG), so they are compared."""
+    not staged (the machine has them) and the dirty log cannot judge them: on a UEFI target
+    nested in QEMU/TCG it reported both SMBIOS pages written by systemd-stub 257, which only
+    reads them, so their contents are compared instead."""
     out = []
     for addr, data in machine.tables:
         if machine.mem.read(addr, len(data)) != data:
