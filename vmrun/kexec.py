@@ -97,16 +97,14 @@ def precheck(sys_kernel: str = "/sys/kernel", proc: str = "/proc") -> None:
         raise KexecError(f"kexec_load refused: {_explain_eperm(proc=proc)}")
 
 
-def crash_regions() -> list[tuple[int, int]]:
-    out = []
+def crash_regions(iomem: str = "/proc/iomem") -> list[tuple[int, int]]:
+    """The ``Crash kernel`` ranges of /proc/iomem as [start, end); empty when there are none or
+    the file cannot say (unreadable, or all zeros for a reader without CAP_SYS_ADMIN)."""
+    from vmrun.kdump import KdumpError, parse_crash_regions
     try:
-        for line in pathlib.Path("/proc/iomem").read_text().splitlines():
-            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) : Crash kernel", line)
-            if m:
-                out.append((int(m.group(1), 16), int(m.group(2), 16) + 1))
-    except OSError:
-        pass
-    return out
+        return [(r.start, r.end) for r in parse_crash_regions(pathlib.Path(iomem).read_text(), iomem)]
+    except (OSError, KdumpError):
+        return []
 
 
 def check_fits(h: elf.ElfHandoff, name: str, *, crash: bool, host: TargetMemoryMap | None = None) -> dict:

@@ -44,16 +44,15 @@ def boot_id() -> str:
 def iomem_ram_digest(iomem: str | None = None) -> str:
     """SHA-256 of this machine's top-level System RAM ranges in /proc/iomem (what memory
     hotplug changes); empty when /proc/iomem shows no addresses (not root)."""
-    if iomem is None:
-        try:
-            iomem = pathlib.Path("/proc/iomem").read_text()
-        except OSError:
-            return ""
-    lines = [ln.strip() for ln in iomem.splitlines()
-             if not ln.startswith(" ") and ln.strip().endswith(": System RAM")]
-    if not lines or all(ln.startswith("00000000-00000000") for ln in lines):
+    from vmrun.kdump import KdumpError, parse_iomem
+    try:
+        entries = parse_iomem(iomem if iomem is not None else pathlib.Path("/proc/iomem").read_text())
+    except (OSError, KdumpError):
         return ""
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    ram = [(e.start, e.end) for e in entries if e.depth == 0 and e.name == "System RAM"]
+    if not ram or all(s == 0 for s, _ in ram):
+        return ""
+    return hashlib.sha256("".join(f"{s:x}-{e:x}\n" for s, e in ram).encode()).hexdigest()
 
 
 def record(slot: str, metadata: dict, source: dict) -> None:

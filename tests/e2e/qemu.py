@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from scripts import newc
+from scripts import fetch_payloads, newc
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -86,14 +86,6 @@ def _locked(name: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -511,7 +503,7 @@ _E820_MEMO: dict[str, str] = {}
 
 def _guest_boot_facts(kernel: Path, memory_mb: int, timeout: float, extra_args) -> str:
     """The first kernel's ``BIOS-e820:`` and ``ACPI: RSDP`` dmesg lines (one boot, cached)."""
-    key = hashlib.sha256(repr((_sha256_file(Path(kernel)), memory_mb, list(extra_args),
+    key = hashlib.sha256(repr((fetch_payloads.sha256(Path(kernel)), memory_mb, list(extra_args),
                                E820_INIT)).encode()).hexdigest()[:16]
     if key in _E820_MEMO:
         return _E820_MEMO[key]

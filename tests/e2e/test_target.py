@@ -169,7 +169,19 @@ def kdump_initrd(tmp_path_factory):
                              with_kexec=False)
 
 
-def _check_kdump(r, load_step: str, cmdline: str) -> None:
+def _kdump_session(kernel, load_args: str, cmdline: str, cpu: str) -> None:
+    """Boot a target with crashkernel=256M, `vmrun load --crash LOAD_ARGS`, `vmrun status`,
+    crash it, and check what the kdump kernel found."""
+    r = T.target_boot(kernel, [
+        T.Step("uname", "uname -r"),
+        T.Step("load", f"{T.VMRUN} -q load --crash {load_args}"),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+        T.Step("crash", "echo c > /proc/sysrq-trigger"),
+    ], cpu=cpu, append=f"{Q.DEFAULT_APPEND} {CRASHKERNEL}", until=KDUMP_DONE)
+    _check_kdump(r, cmdline)
+
+
+def _check_kdump(r, cmdline: str) -> None:
     assert not r.failed and not r.timed_out and KDUMP_DONE in r.serial, str(r)
     first_release, rc = T.step_output(r.serial, "uname")
     assert rc == 0, str(r)
@@ -215,27 +227,15 @@ def test_kdump_uki(bookworm_kernel, payload_cache, kdump_initrd, tmp_path):
     (esp / "EFI" / "Linux").mkdir(parents=True)
     uki = build_uki(payload_cache / "stubs" / "257" / "linuxx64.efi.stub", esp / "EFI" / "Linux" / "kdump.efi",
                     linux=bookworm_kernel, initrd=kdump_initrd, cmdline=cmdline)
-    r = T.target_boot(bookworm_kernel, [
-        T.Step("uname", "uname -r"),
-        T.Step("load", f"{T.VMRUN} -q load --crash {uki} --esp {esp}"),
-        T.Step("status", f"{T.VMRUN} -q status --json"),
-        T.Step("crash", "echo c > /proc/sysrq-trigger"),
-    ], cpu="la57", append=f"{Q.DEFAULT_APPEND} {CRASHKERNEL}", until=KDUMP_DONE)
-    _check_kdump(r, "load", cmdline)
+    _kdump_session(bookworm_kernel, f"{uki} --esp {esp}", cmdline, cpu="la57")
 
 
 @pytest.mark.timeout(400)
 def test_kdump_efi_stub_kernel(bookworm_kernel, kdump_initrd):
     """The same with a plain EFI-stub kernel, `--cmdline` and `--initrd`, on a 4-level target."""
     cmdline = "console=ttyS0,115200 panic=-1 vmrun.kdump=kernel"
-    r = T.target_boot(bookworm_kernel, [
-        T.Step("uname", "uname -r"),
-        T.Step("load", f"{T.VMRUN} -q load --crash {bookworm_kernel} --initrd {kdump_initrd} "
-                       f"--cmdline '{cmdline}'"),
-        T.Step("status", f"{T.VMRUN} -q status --json"),
-        T.Step("crash", "echo c > /proc/sysrq-trigger"),
-    ], cpu="no-la57", append=f"{Q.DEFAULT_APPEND} {CRASHKERNEL}", until=KDUMP_DONE)
-    _check_kdump(r, "load", cmdline)
+    _kdump_session(bookworm_kernel, f"{bookworm_kernel} --initrd {kdump_initrd} --cmdline '{cmdline}'",
+                   cmdline, cpu="no-la57")
 
 
 @pytest.mark.timeout(300)
