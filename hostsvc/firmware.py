@@ -27,7 +27,7 @@ from hostsvc.memory import AllocType, Allocator, MemType
 from hostsvc.status import EfiError
 from hostsvc.variables import VariableStore
 from vmrun.vm import layout as L
-from vmrun.vm.port import GuestPort
+from vmrun.vm.port import NO_ACCESS, GuestPort
 
 log = structlog.get_logger("hostsvc.firmware")
 
@@ -86,10 +86,18 @@ class Firmware:
         base = self.alloc.allocate_pages(AllocType.MaxAddress, MemType.BootServicesCode, pages,
                                          L.FIRMWARE_BELOW - 1, owner="firmware")
         port.install_firmware(base, pages * L.PAGE_SIZE)
+        # the payload's stack, with a guard page below it: a runaway recursion faults there
+        # instead of running into whatever lies below (vmrun.vm.paging)
         stack_pages = L.PAYLOAD_STACK_SIZE // L.PAGE_SIZE
-        self.stack_base = self.alloc.allocate_pages(AllocType.MaxAddress, MemType.BootServicesData,
-                                                    stack_pages, L.FIRMWARE_BELOW - 1, owner="firmware")
+        guard = self.alloc.allocate_pages(AllocType.MaxAddress, MemType.BootServicesData,
+                                          stack_pages + 1, L.FIRMWARE_BELOW - 1, owner="firmware")
+        port.protect(guard, guard + L.PAGE_SIZE, NO_ACCESS, f"the guard page below the payload's {L.PAYLOAD_STACK_SIZE >> 10} KiB stack "
+                     "(the stack overflowed)")
+        self.stack_base = guard + L.PAGE_SIZE
         self.stack_top = self.stack_base + L.PAYLOAD_STACK_SIZE
+        # from here on the payload sees only RAM that allocations touch
+        port.restrict_to_allocations([(a.start, a.end) for a in self.alloc.allocations])
+        self.alloc.on_commit = port.map_allocation
 
         self.events = Events(call_notify=self._call_notify, new_handle=self._new_object,
                              free_handle=self._free_object)
@@ -109,7 +117,7 @@ class Firmware:
         return self.pool(16)
 
     def _free_object(self, addr: int) -> None:
-        self.alloc.free_pool(addr)
+        self.alloc.free_pool(addr, owner="firmware")
 
     def utf16z(self, text: str, mem_type: int = MemType.BootServicesData) -> int:
         raw = (text + "\0").encode("utf-16-le")
@@ -227,7 +235,7 @@ class Firmware:
             cap = max(16, 2 * len(entries))
             new = self.pool(cap * ctypes.sizeof(U.EFI_CONFIGURATION_TABLE), MemType.RuntimeServicesData)
             if self.config_array:
-                self.alloc.free_pool(self.config_array)
+                self.alloc.free_pool(self.config_array, owner="firmware")
             self.config_array, self.config_capacity = new, cap
         array = (U.EFI_CONFIGURATION_TABLE * self.config_capacity)()  # unused entries stay zero
         for entry, (g, t) in zip(array, entries):

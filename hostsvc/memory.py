@@ -34,6 +34,8 @@ from __future__ import annotations
 import bisect
 import ctypes
 import heapq
+import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from hostsvc import status
@@ -60,6 +62,8 @@ DESCRIPTOR_VERSION = EFI_MEMORY_DESCRIPTOR_VERSION
 
 #: Pool requests up to this many bytes share pool pages; larger ones get pages of their own.
 POOL_SHARED_MAX = 2048
+#: How many of the most recently used pool arenas a small request looks at before taking new pages.
+POOL_SEARCH = 8
 POOL_ALIGN = 8  # UEFI 2.10 §7.2.4: "All allocations are eight-byte aligned."
 
 
@@ -102,6 +106,7 @@ class _Arena:
 
     alloc: Allocation
     blocks: list[tuple[int, int]] = field(default_factory=list)  # (offset, size), sorted
+    used: int = 0  # bytes in blocks
 
 
 def type_name(mem_type: int) -> str:
@@ -152,8 +157,12 @@ class Allocator:
         self._free: list[tuple[int, int]] = [(r.start, r.end) for r in self._ram]
         self._allocs: list[Allocation] = []
         self._charged = 0
-        self._arenas: dict[tuple[int, str], list[_Arena]] = {}
+        # (type, owner) → arenas by address, least recently useful first
+        self._arenas: dict[tuple[int, str], OrderedDict[int, _Arena]] = {}
         self._pool_blocks: dict[int, tuple[_Arena, int]] = {}  # address → (arena, size)
+        #: ``on_commit(start, end)`` before an allocation is made (the VM maps its pages; may
+        #: raise MemoryCapExceeded, and then nothing was allocated)
+        self.on_commit = None
         self._page0: Allocation | None = None
         if self._is_free(0, PAGE_SIZE):
             self._page0 = self._commit(0, 1, MemType.BootServicesData, FIRMWARE, pool=False)
@@ -262,12 +271,17 @@ class Allocator:
         if not 0 <= size < ADDR_LIMIT:
             raise EfiError(status.INVALID_PARAMETER, f"pool size {size} is invalid")
         need = max(POOL_ALIGN, (size + POOL_ALIGN - 1) & ~(POOL_ALIGN - 1))
-        arenas = self._arenas.setdefault((mem_type, owner), [])
+        arenas = self._arenas.setdefault((mem_type, owner), OrderedDict())
         if need <= POOL_SHARED_MAX:
-            for arena in arenas:
-                off = self._arena_gap(arena, need)
-                if off is not None:
-                    return self._place_block(arena, off, need)
+            # only the most recently used arenas are searched, and one that cannot serve the
+            # request goes to the back: the cost of a call must not grow with the number of
+            # earlier ones (a payload can make hundreds of thousands)
+            for arena in list(itertools.islice(reversed(arenas.values()), POOL_SEARCH)):
+                if arena.alloc.size - arena.used >= need:
+                    off = self._arena_gap(arena, need)
+                    if off is not None:
+                        return self._place_block(arena, off, need)
+                arenas.move_to_end(arena.alloc.start, last=False)
         pages = (need + PAGE_MASK) // PAGE_SIZE
         start = self._find_fit(pages * PAGE_SIZE, ADDR_LIMIT)
         if start is None:
@@ -277,22 +291,34 @@ class Allocator:
         self._charge(owner, pages * PAGE_SIZE,
                      f"a pool of {size:#x} bytes of {type_name(mem_type)} ({pages} new pages)")
         arena = _Arena(self._commit(start, pages, mem_type, owner, pool=True))
-        arenas.append(arena)
+        arenas[arena.alloc.start] = arena
         return self._place_block(arena, 0, need)
 
-    def free_pool(self, address: int) -> None:
-        """EFI_BOOT_SERVICES.FreePool (UEFI 2.10 §7.2.5); pool pages left empty are freed."""
-        entry = self._pool_blocks.pop(address, None)
+    def free_pool(self, address: int, owner: str = "payload") -> None:
+        """EFI_BOOT_SERVICES.FreePool (UEFI 2.10 §7.2.5); pool pages left empty are freed.
+
+        The firmware's own blocks (the system table, handles, protocol interfaces) are
+        EFI_INVALID_PARAMETER unless ``owner`` is ``"firmware"``: they are not the payload's to
+        free, and handing them out again would let two owners share them."""
+        entry = self._pool_blocks.get(address)
         if entry is None:
             raise EfiError(status.INVALID_PARAMETER, f"{address:#x} is not a live pool allocation")
         arena, size = entry
+        if arena.alloc.owner == FIRMWARE and owner != FIRMWARE:
+            raise EfiError(status.INVALID_PARAMETER,
+                           f"{address:#x} is the firmware's own pool block, not the payload's")
+        del self._pool_blocks[address]
         off = address - arena.alloc.start
-        arena.blocks.remove((off, size))
+        del arena.blocks[bisect.bisect_left(arena.blocks, (off, size))]
+        arena.used -= size
+        a = arena.alloc
+        arenas = self._arenas[(a.mem_type, a.owner)]
         if not arena.blocks:
-            a = arena.alloc
-            self._arenas[(a.mem_type, a.owner)].remove(arena)
+            del arenas[a.start]
             self._release(a.start, a.end, [a])
             self.map_key += 1
+        else:
+            arenas.move_to_end(a.start)  # its hole is the first to be reused
 
     def pool_size(self, address: int) -> int:
         """The (8-byte-rounded) size of the live pool block at ``address``."""
@@ -409,6 +435,8 @@ class Allocator:
         self._free.insert(i, (start, end))
 
     def _commit(self, start: int, pages: int, mem_type: int, owner: str, pool: bool) -> Allocation:
+        if self.on_commit is not None:
+            self.on_commit(start, start + pages * PAGE_SIZE)
         self._take(start, start + pages * PAGE_SIZE)
         a = Allocation(start, pages, int(mem_type), owner, pool)
         if owner != FIRMWARE:
@@ -456,6 +484,7 @@ class Allocator:
 
     def _place_block(self, arena: _Arena, off: int, size: int) -> int:
         bisect.insort(arena.blocks, (off, size))
+        arena.used += size
         addr = arena.alloc.start + off
         self._pool_blocks[addr] = (arena, size)
         return addr

@@ -594,7 +594,7 @@ class EspVolume:
     def close(self, this):
         self._file(this)
         del self.files[this]
-        self.fw.alloc.free_pool(this)
+        self.fw.alloc.free_pool(this, owner="firmware")
 
     @efiapi("Delete", ("this", PTR))
     def delete(self, this):

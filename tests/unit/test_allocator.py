@@ -456,7 +456,9 @@ def test_large_pool_gets_own_pages() -> None:
     own = next(y for y in a.allocations if y.start == big)
     assert (own.pages, own.pool, own.mem_type) == (4, True, LD)
     assert small & ~(P - 1) != big
-    assert a.allocate_pool(LD, 2048) == small + 64     # first fit: the small pool page
+    x = a.allocate_pool(LD, 2048)
+    assert x == big + 3 * P + 8                          # the most recent arena: the big block's tail
+    a.free_pool(x)
     assert err(a.free_pages, big, 4) == status.NOT_FOUND
     key = a.map_key
     a.free_pool(big)
@@ -856,3 +858,31 @@ if HAVE_HYPOTHESIS:
                 y, m = live.pop(0)
                 a.free_pages(y, m)
             check_consistent(a)
+
+
+def test_pool_calls_cost_does_not_grow_with_earlier_calls(monkeypatch) -> None:
+    """200,000 live small pools: each AllocatePool looks at no more than POOL_SEARCH arenas (a
+    payload's storm of pools once made every call scan all earlier pool pages)."""
+    from hostsvc import memory as M
+    a = new()
+    looked = []
+    real_gap = M.Allocator._arena_gap
+    monkeypatch.setattr(M.Allocator, "_arena_gap", staticmethod(lambda arena, need: looked.append(1) or real_gap(arena, need)))
+    n = 200_000
+    blocks = [a.allocate_pool(MemType.BootServicesData, 2048) for _ in range(n)]  # two per page
+    assert len(looked) <= M.POOL_SEARCH * n
+    for p in blocks[::2]:          # holes everywhere …
+        a.free_pool(p)
+    looked.clear()
+    for _ in range(1000):          # … are found among the recently freed arenas
+        a.allocate_pool(MemType.BootServicesData, 2048)
+    assert len(looked) <= M.POOL_SEARCH * 1000
+    assert a.allocated_bytes() == (n // 2) * 4096, "the 1000 new blocks reused freed holes"
+
+
+def test_payload_cannot_free_the_firmwares_pool_blocks() -> None:
+    a = new()
+    table = a.allocate_pool(MemType.BootServicesData, 96, owner="firmware")
+    assert err(a.free_pool, table) == status.INVALID_PARAMETER
+    assert a.allocate_pool(MemType.BootServicesData, 96, owner="firmware") != table
+    a.free_pool(table, owner="firmware")

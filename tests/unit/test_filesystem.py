@@ -264,7 +264,7 @@ class FakeFw:
         self.volumes: dict = {}
         self.table = ServiceTable(self.mem)
         self.port = SimpleNamespace(thunk=lambda i: 0xF0000000 + 16 * i)
-        self.alloc = SimpleNamespace(free_pool=self.freed.append)
+        self.alloc = SimpleNamespace(free_pool=lambda addr, owner="payload": self.freed.append(addr))
         self.handles = SimpleNamespace(install_multiple=self._install)
 
     def _install(self, handle, pairs):

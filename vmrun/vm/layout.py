@@ -42,8 +42,9 @@ FW_BLOB = 0x3000         # guest/firmware.bin (monitor stubs, trampolines, servi
 FW_BLOB_MAX = 0x4000
 FW_MONITOR_STACK = 0x7000  # ring-0 stack for exception frames, grows down from FW_MONITOR_STACK_TOP
 FW_MONITOR_STACK_TOP = 0x9000
-FW_PAGE_TABLES = 0x9000  # PML4, PDPT(s), PDs: see vmrun.vm.cpu.page_table_pages
+FW_PAGE_TABLES = 0x9000  # PML4, PDPT(s), PDs, spare PTs: see vmrun.vm.paging.IdentityMap
 FW_FIXED_SIZE = FW_PAGE_TABLES  # page tables follow; their size depends on the map
+FW_SPARE_PTS = 16        # 4 KiB page tables for the frames with protected pages (vmrun.vm.paging)
 
 # --- payload stack ------------------------------------------------------------------------------
 # UEFI 2.10 §2.3.4.2: at least 128 KiB of stack is available to the image at entry.
@@ -53,6 +54,13 @@ PAYLOAD_STACK_SIZE = 0x40000
 FIRMWARE_BELOW = FOUR_GIB          # where the firmware area and tables are placed
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MEMORY_CAP = 2 * GIB      # bytes of guest memory the payload may allocate
+# Guest RAM becomes host memory only in the 2 MiB frames allocations touch (vmrun.vm.paging);
+# their total may exceed the allocations by this much (partly used frames, the firmware's own
+# allocations) before the run ends with the memory_cap outcome.
+FRAME_SLACK = 64 * 1024 * 1024
+# The host notices an expired time limit at the next exit of the vCPU; host work on the payload's
+# behalf that runs this long past the limit is interrupted by the watchdog's signal instead.
+WATCHDOG_GRACE_S = 0.3
 MAX_IDENTITY_MAP = 1 << 39        # 512 GiB: one PDPT
 
 # --- CPU state -------------------------------------------------------------------------------------

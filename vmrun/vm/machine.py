@@ -24,8 +24,8 @@ from typing import Callable, Protocol
 
 import structlog
 
-from vmrun.errors import KvmError, PayloadFault, RunTimeout
-from vmrun.vm import cpu, layout as L
+from vmrun.errors import GuestMemoryError, KvmError, MemoryCapExceeded, PayloadFault, RunTimeout
+from vmrun.vm import cpu, layout as L, paging
 from vmrun.vm.kvm import abi, exits
 from vmrun.vm.kvm.vm import Kvm, Vcpu, Vm
 from vmrun.vm.memory import GuestMemory, merge_spans
@@ -67,6 +67,7 @@ class FirmwareArea:
     blob: cpu.Blob
     page_tables: int
     size: int
+    paging: paging.IdentityMap
 
     def sym(self, name: str) -> int:
         return self.base + L.FW_BLOB + self.blob.symbols[name]
@@ -138,6 +139,7 @@ class Machine:
         self.stats = Stats()
         self.deadline = float("inf")
         self.call_depth = 0
+        self._in_guest = False
         self._setup_cpuid()
 
     # --- set-up ----------------------------------------------------------------------------
@@ -163,7 +165,7 @@ class Machine:
             raise KvmError(f"guest blob is {len(blob.code)} bytes, more than {L.FW_BLOB_MAX}")
         limit = max(self.max_address, 4 * L.GIB)
         pt = base + L.FW_PAGE_TABLES
-        need = L.FW_FIXED_SIZE + cpu.page_table_pages(limit) * L.PAGE_SIZE
+        need = self.firmware_area_size(self.max_address)
         if size < need:
             raise KvmError(f"firmware area of {size:#x} bytes is smaller than {need:#x}")
         m = self.mem
@@ -172,15 +174,63 @@ class Machine:
         m.write(base + L.FW_IDT, cpu.build_idt(base + L.FW_BLOB, blob.symbols))
         m.write(base + L.FW_TSS, cpu.build_tss(base + L.FW_MONITOR_STACK_TOP))
         m.write(base + L.FW_BLOB, blob.code)
-        m.write(pt, cpu.build_page_tables(pt, limit))
-        self.fw = FirmwareArea(base, blob, pt, size)
+        pg = paging.IdentityMap(m, pt, limit)
+        # what CPL 3 may do with the firmware area (vmrun.vm.paging)
+        pg.protect(base + L.FW_GDT, base + L.FW_BLOB, paging.SUPERVISOR, "vmrun's GDT, IDT and TSS")
+        pg.protect(base + L.FW_BLOB, base + L.FW_MONITOR_STACK, paging.USER_RO,
+                   "vmrun's monitor and service thunks")
+        pg.protect(base + L.FW_MONITOR_STACK, base + L.FW_MONITOR_STACK_TOP, paging.SUPERVISOR,
+                   "vmrun's monitor stack")
+        pg.protect(pt, base + size, paging.SUPERVISOR, "vmrun's page tables")
+        pg.protect(0, L.PAGE_SIZE, paging.NONE, "page 0 (NULL)")
+        for start, end in self.table_ranges:
+            pg.protect(start, end, paging.USER_RO, "the target firmware's tables (SMBIOS)")
+        self.fw = FirmwareArea(base, blob, pt, size, pg)
         self._setup_sregs()
         return self.fw
 
     @staticmethod
     def firmware_area_size(max_address: int) -> int:
         limit = max(max_address, 4 * L.GIB)
-        return L.FW_FIXED_SIZE + cpu.page_table_pages(limit) * L.PAGE_SIZE
+        return L.FW_FIXED_SIZE + paging.IdentityMap.size(limit)
+
+    # --- what the payload may touch (vmrun.vm.paging) -------------------------------------------
+    def protect(self, start: int, end: int, kind: int, what: str) -> None:
+        """Give [start, end) the CPL-3 access ``kind`` (``vmrun.vm.paging``) for the whole run."""
+        self.fw.paging.protect(start, end, kind, what)
+
+    def restrict_to_allocations(self, allocations) -> None:
+        """Only RAM that allocations touch is present for the payload (and writable by the host
+        on its behalf) from now on; ``allocations``: (start, end) of those made so far."""
+        self.fw.paging.restrict(allocations)
+        self.mem.write_guard = self.fw.paging.host_may_write
+
+    def map_allocation(self, start: int, end: int) -> None:
+        """An allocation [start, end) was made: make its frames present. The frames mapped in a
+        run are host memory the guest can make resident; more than the memory cap (plus
+        ``FRAME_SLACK``) ends the run with the memory_cap outcome."""
+        pg = self.fw.paging
+        new = pg.frames_to_map(start, end) * paging.FRAME
+        limit = self.limits.memory_cap + L.FRAME_SLACK
+        if new and pg.mapped_bytes + new > limit:
+            raise MemoryCapExceeded(
+                f"the allocations reach {(pg.mapped_bytes + new) >> 20} MiB of 2 MiB frames of guest "
+                f"RAM, more than the memory cap of {self.limits.memory_cap >> 20} MiB + "
+                f"{L.FRAME_SLACK >> 20} MiB (allocations spread thinly over RAM cost the host a "
+                "whole frame each)", mapped=pg.mapped_bytes, asked=new, cap=self.limits.memory_cap)
+        pg.map_allocation(start, end)
+
+    def describe_address(self, addr: int) -> str:
+        """What ``addr`` is to the payload (a protected firmware range, RAM no allocation covers),
+        or ""."""
+        return self.fw.paging.describe(addr) if self.fw else ""
+
+    def end_run(self) -> None:
+        """The payload stopped running (ExitBootServices or any other end): the plain identity
+        map for the handoff, and the host writes freely again (staging)."""
+        if self.fw and self.fw.paging.restricted:
+            self.fw.paging.handoff()
+        self.mem.write_guard = None
 
     def _setup_sregs(self) -> None:
         fw = self.fw
@@ -220,7 +270,14 @@ class Machine:
         # as after a `call` from 16-byte-aligned code that reserved the 32-byte shadow space:
         # at entry [RSP] is the return address and RSP + 8 is 16-byte aligned (UEFI 2.10 §2.3.4.1)
         rsp = (top & ~0xF) - 32 - 8
-        self.mem.write_u64(rsp, self.fw.sym("ret_thunk"))
+        try:
+            self.mem.write_u64(rsp, self.fw.sym("ret_thunk"))
+        except GuestMemoryError:
+            raise PayloadFault(f"the payload's stack pointer {saved.rsp:#x} does not point into its "
+                               f"memory, so vmrun cannot call back into it (function {func:#x})",
+                               rip=saved.rip) from None
+        if self.call_depth == 0 and self.fw:
+            self.fw.paging.seal()
         regs = abi.kvm_regs()
         regs.rip = func
         regs.rsp = rsp
@@ -240,6 +297,8 @@ class Machine:
             raise
         finally:
             self.call_depth -= 1
+            if self.call_depth == 0:
+                self.end_run()
         if nested:
             self.vcpu.set_regs(saved)
         return rax
@@ -248,7 +307,7 @@ class Machine:
     def start_watchdog(self) -> None:
         self.deadline = time.monotonic() + self.limits.timeout
         if threading.current_thread() is threading.main_thread():
-            self._old_alarm = signal.signal(signal.SIGALRM, lambda *_: None)
+            self._old_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
             signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
 
     def stop_watchdog(self) -> None:
@@ -256,6 +315,17 @@ class Machine:
             signal.setitimer(signal.ITIMER_REAL, 0, 0)
             signal.signal(signal.SIGALRM, self._old_alarm)
             del self._old_alarm
+
+    def _on_alarm(self, *_) -> None:
+        """The watchdog's tick. In the guest (KVM_RUN) it only interrupts the run, which checks
+        the deadline; in host code working on the payload's behalf for longer than the limit plus
+        ``WATCHDOG_GRACE_S`` it ends the run from here (the exception surfaces in that code)."""
+        if (self.call_depth > 0 and not self._in_guest
+                and time.monotonic() > self.deadline + L.WATCHDOG_GRACE_S):
+            regs = self.vcpu.get_regs()
+            raise RunTimeout(f"run exceeded its time limit of {self.limits.timeout:g} s while vmrun "
+                             f"worked on the payload's behalf (service called from rip "
+                             f"{regs.rip:#x}{self.describe_rip(regs.rip)})", rip=regs.rip)
 
     def check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -272,7 +342,11 @@ class Machine:
         vcpu = self.vcpu
         hcall_svc, hcall_ret = L.HCALL_SVC, L.HCALL_RET
         while True:
-            ex = vcpu.run()
+            self._in_guest = True
+            try:
+                ex = vcpu.run()
+            finally:
+                self._in_guest = False
             self.stats.exits += 1
             if type(ex) is exits.Mmio:
                 if ex.is_write and ex.addr == hcall_svc:
@@ -307,7 +381,17 @@ class Machine:
         if frame.cs & 3 != 3:
             raise PayloadFault(f"exception {frame.vector} in the ring-0 monitor at rip {frame.rip:#x}: "
                                "vmrun's own guest code failed", rip=frame.rip, vector=frame.vector)
-        self.exception_handler(self, frame, regs)
+        try:
+            self.exception_handler(self, frame, regs)
+        except PayloadFault as e:
+            if frame.vector == 14:  # say what the faulting address is to the payload
+                cr2 = self.vcpu.get_sregs().cr2
+                what = self.describe_address(cr2)
+                if what:
+                    e.message = f"{e.message}; {cr2:#x} is {what}"
+                    e.args = (e.message,)
+                    e.details["address_is"] = what
+            raise
         frame.write_back(self.mem)
 
     def _unexpected_exit(self, ex: exits.Exit) -> None:

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from vmrun.errors import GuestMemoryError
+from vmrun.errors import GuestMemoryError, VmrunError
 from vmrun.vm.layout import PAGE_SIZE
 
 #: A ctypes type: a Structure, an array of them, a scalar.
@@ -25,6 +25,16 @@ CType = TypeVar("CType", bound="ctypes._CData")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+class UnallocatedWrite(GuestMemoryError):
+    """A host write on the payload's behalf to guest RAM that no allocation covers."""
+
+    def __init__(self, gpa: int, size: int):
+        VmrunError.__init__(self, f"write of {size} bytes at {gpa:#x} reaches guest RAM that no "
+                            "allocation covers", gpa=gpa, size=size)
+        self.gpa = gpa
+        self.size = size
 
 
 @dataclass
@@ -60,6 +70,10 @@ class GuestMemory:
     def __init__(self) -> None:
         self.regions: list[Region] = []
         self._starts: list[int] = []
+        #: ``guard(gpa, size) -> bool``: may the host write there (``vmrun.vm.paging``: RAM that no
+        #: allocation covers stays untouched, so host memory grows only with allocations); None:
+        #: anywhere inside the regions.
+        self.write_guard = None
 
     def add_region(self, gpa: int, size: int) -> Region:
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
@@ -101,6 +115,12 @@ class GuestMemory:
                 return r, off
         raise GuestMemoryError(gpa, size, what)
 
+    def _find_w(self, gpa: int, size: int) -> tuple[Region, int]:
+        found = self._find(gpa, size, "write")
+        if self.write_guard is not None and not self.write_guard(gpa, size):
+            raise UnallocatedWrite(gpa, size)
+        return found
+
     def contains(self, gpa: int, size: int = 1) -> bool:
         try:
             self._find(gpa, size)
@@ -121,17 +141,17 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
-        r, off = self._find(gpa, n, "write")
+        r, off = self._find_w(gpa, n)
         r.view[off:off + n] = data
 
     def fill(self, gpa: int, size: int, value: int = 0) -> None:
-        r, off = self._find(gpa, size, "write")
+        r, off = self._find_w(gpa, size)
         ctypes.memset(r.host_addr + off, value & 0xFF, size)
 
     def copy(self, dst: int, src: int, size: int) -> None:
         """memmove semantics (overlapping ranges are fine)."""
         rs, so = self._find(src, size, "read")
-        rd, do = self._find(dst, size, "write")
+        rd, do = self._find_w(dst, size)
         ctypes.memmove(rd.host_addr + do, rs.host_addr + so, size)
 
     # typed -----------------------------------------------------------------------------------
@@ -152,15 +172,15 @@ class GuestMemory:
         return _U64.unpack_from(r.view, off)[0]
 
     def write_u8(self, gpa: int, value: int) -> None:
-        r, off = self._find(gpa, 1, "write")
+        r, off = self._find_w(gpa, 1)
         r.view[off] = value & 0xFF
 
     def write_u32(self, gpa: int, value: int) -> None:
-        r, off = self._find(gpa, 4, "write")
+        r, off = self._find_w(gpa, 4)
         _U32.pack_into(r.view, off, value & 0xFFFFFFFF)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        r, off = self._find(gpa, 8, "write")
+        r, off = self._find_w(gpa, 8)
         _U64.pack_into(r.view, off, value & 0xFFFFFFFFFFFFFFFF)
 
     def read_struct(self, gpa: int, ctype: type[CType]) -> CType:
@@ -172,7 +192,7 @@ class GuestMemory:
     def write_struct(self, gpa: int, obj: "ctypes._CData") -> None:
         """Write ``obj`` (a ctypes Structure, array or scalar) at ``gpa``, all or nothing."""
         size = ctypes.sizeof(obj)
-        r, off = self._find(gpa, size, "write")
+        r, off = self._find_w(gpa, size)
         ctypes.memmove(r.host_addr + off, ctypes.addressof(obj), size)
 
     def read_utf16z(self, gpa: int, max_chars: int = 32768) -> str:

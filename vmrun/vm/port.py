@@ -16,6 +16,7 @@ from typing import Callable
 from vmrun.vm.kvm import abi
 from vmrun.vm.machine import Machine
 from vmrun.vm.memory import GuestMemory
+from vmrun.vm.paging import NONE as NO_ACCESS, SUPERVISOR, USER_RO, USER_RW  # noqa: F401 (for hostsvc)
 
 #: ``handler(service_id, regs) -> rax`` for a call through a service thunk.
 ServiceCall = Callable[[int, abi.kvm_regs], int]
@@ -47,6 +48,21 @@ class GuestPort:
         """(base, size) of the installed firmware area, or None before :meth:`install_firmware`."""
         fw = self._machine.fw
         return (fw.base, fw.size) if fw else None
+
+    # --- what the payload may touch (vmrun.vm.paging) -------------------------------------------
+    def protect(self, start: int, end: int, kind: int, what: str) -> None:
+        """Give [start, end) the CPL-3 access ``kind`` (``vmrun.vm.paging.NONE``, ``USER_RO`` …)
+        for the whole run; only before the guest first runs."""
+        self._machine.protect(start, end, kind, what)
+
+    def restrict_to_allocations(self, allocations) -> None:
+        """From now on the payload sees only RAM that allocations touch; ``allocations`` are the
+        (start, end) ranges made so far, later ones are announced with :meth:`map_allocation`."""
+        self._machine.restrict_to_allocations(allocations)
+
+    def map_allocation(self, start: int, end: int) -> None:
+        """A new allocation [start, end): make it present (may raise MemoryCapExceeded)."""
+        self._machine.map_allocation(start, end)
 
     def thunk(self, service_id: int) -> int:
         """Guest address of the thunk that calls service ``service_id`` (a function pointer for
