@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostsvc import guids as G
+from hostsvc import status as S
 from hostsvc import tpm as T
 from hostsvc import uefi_types as U
 from hostsvc.boot_services import BootServices
@@ -119,3 +120,14 @@ def finalize_runtime_services(fw: Firmware) -> None:
         setattr(rt, name, fw.rt_unsupported)
     fw.mem.write_struct(fw.runtime_services_table, rt)
     write_crc(fw.mem, fw.runtime_services_table)
+    # What is left of the boot services on the target gets a defined behaviour too: a boot
+    # service called after ExitBootServices (undefined by the spec) returns EFI_UNSUPPORTED
+    # instead of exiting to a host that is not there, and an image returning from its entry point
+    # after a successful ExitBootServices (a child image returning to its parent's StartImage,
+    # or the top-level image to the firmware) halts the CPU with interrupts off: on the target
+    # there is no firmware to return to.
+    unsupported = b"\x48\xb8" + S.UNSUPPORTED.to_bytes(8, "little") + b"\xc3"   # movabs rax, …; ret
+    first = fw.port.thunk(0)
+    for sid in range(L.NR_SVC_THUNKS):
+        fw.mem.write(first + L.SVC_THUNK_SIZE * sid, unsupported.ljust(L.SVC_THUNK_SIZE, b"\xcc"))
+    fw.mem.write(fw.port.sym("ret_thunk"), b"\xfa\xf4\xeb\xfd")                  # cli; 1: hlt; jmp 1b

@@ -74,6 +74,24 @@ def test_runtime_services_answer_unsupported_without_a_host(staged):
     assert kinds == {5}  # EfiRuntimeServicesCode
 
 
+def test_what_is_left_of_boot_services_on_the_target_is_defined(staged):
+    """After ExitBootServices no host answers: every boot service thunk returns EFI_UNSUPPORTED
+    (independently decoded with iced-x86) and an image returning from its entry point halts
+    (cli; hlt loop) instead of exiting to a host that is not there."""
+    import iced_x86 as X
+    r, report, h, data = staged
+    fw = r.firmware
+
+    def asm(addr, n):
+        return [str(i) for i in X.Decoder(64, fw.mem.read(addr, n), ip=addr)][:3]
+
+    for sid in (0, 7, 511):
+        ins = asm(fw.port.thunk(sid), 11)
+        assert ins[0] == "mov rax,8000000000000003h" and ins[1] == "ret", ins
+    ret = fw.port.sym("ret_thunk")
+    assert asm(ret, 4) == ["cli", "hlt", f"jmp short {ret + 1:016X}h"]
+
+
 def test_metadata_note(staged):
     r, report, h, data = staged
     meta = json.loads(h.notes[elf.NOTE_METADATA])

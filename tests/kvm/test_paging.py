@@ -142,3 +142,14 @@ def test_host_work_on_the_payloads_behalf_cannot_outlast_the_limit(vm):
         run(vm, code)
     assert time.monotonic() - t0 < 1.0 + L.WATCHDOG_GRACE_S + 0.5
     assert "on the payload's behalf" in str(e.value)
+
+
+@pytest.mark.parametrize("offset", [L.FW_IDT, L.FW_BLOB, L.FW_MONITOR_STACK, L.FW_PAGE_TABLES])
+def test_host_does_not_write_vmruns_pages_for_the_payload(vm, offset):
+    """A service writing through a pointer the payload passed (GetTime's Capabilities into the
+    PML4, once found by the service fuzzer) is refused like the payload's own write."""
+    before = vm.mem.read(FW + offset, 16)
+    with pytest.raises(GuestMemoryError):
+        vm.mem.write_u64(FW + offset, 0x4141414141414141)
+    assert vm.mem.read(FW + offset, 16) == before
+    vm.mem.write_u64(CODE, 1)   # the payload's own page: fine

@@ -129,6 +129,7 @@ class Machine:
             self.vm.set_memory_region(slot, start, end - start, region.host_addr, flags)
             slot += 1
         self.tables = [(addr, data) for addr, data in tables if self.mem.contains(addr, len(data))]
+        self._fw_mem = self.mem.unguarded()
         for addr, data in self.tables:
             self.mem.write(addr, data)
         self.vcpu: Vcpu = self.vm.create_vcpu(0)
@@ -392,7 +393,7 @@ class Machine:
                     e.args = (e.message,)
                     e.details["address_is"] = what
             raise
-        frame.write_back(self.mem)
+        frame.write_back(self._fw_mem)  # the monitor's stack: vmrun's own page
 
     def _unexpected_exit(self, ex: exits.Exit) -> None:
         regs = self.vcpu.get_regs()

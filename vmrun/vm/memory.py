@@ -115,6 +115,13 @@ class GuestMemory:
                 return r, off
         raise GuestMemoryError(gpa, size, what)
 
+    def unguarded(self) -> "GuestMemory":
+        """The same memory without the write guard: for vmrun's own structures (page tables, the
+        monitor's exception frame), never for a pointer the payload passed."""
+        other = GuestMemory.__new__(GuestMemory)
+        other.regions, other._starts, other.write_guard = self.regions, self._starts, None
+        return other
+
     def _find_w(self, gpa: int, size: int) -> tuple[Region, int]:
         found = self._find(gpa, size, "write")
         if self.write_guard is not None and not self.write_guard(gpa, size):

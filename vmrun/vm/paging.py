@@ -66,7 +66,7 @@ class IdentityMap:
     ``spare_pts`` page tables for the frames that need 4 KiB pages (see the module docstring)."""
 
     def __init__(self, mem, base: int, limit: int, spare_pts: int = L.FW_SPARE_PTS):
-        self.mem = mem
+        self.mem = mem.unguarded()  # the tables are written here, never on the payload's behalf
         self.base = base
         self.limit = limit
         self.gibs = max(1, (limit + L.GIB - 1) // L.GIB)
@@ -157,15 +157,29 @@ class IdentityMap:
         return new
 
     def host_may_write(self, gpa: int, size: int) -> bool:
-        """Whether the host may write [gpa, gpa+size) on the payload's behalf: every 2 MiB frame
-        of it is mapped (or has 4 KiB tables: the firmware's frames). Once restricted, RAM that no
-        allocation ever touched stays untouched on the host too."""
+        """Whether the host may write [gpa, gpa+size) on the payload's behalf: what the payload
+        could write itself. Every 2 MiB frame of it is mapped, and in the frames with 4 KiB tables
+        every page is present and user-writable (not vmrun's GDT, IDT, page tables, thunks).
+        Once restricted, RAM that no allocation ever touched stays untouched on the host too."""
         if not self.restricted:
             return True
         if size <= 0:
             return True
         lo, hi = self._frames_in(gpa, gpa + size)
-        return all(f in self.present or f in self.pt_of_frame for f in range(lo, hi))
+        for f in range(lo, hi):
+            if f in self.present:
+                continue
+            pt = self.pt_of_frame.get(f)
+            if pt is None:
+                return False
+            fs = f << FRAME_SHIFT
+            for page in range(max(gpa, fs) & ~(L.PAGE_SIZE - 1), min(gpa + size, fs + FRAME), L.PAGE_SIZE):
+                kind = self.pinned.get(page)
+                if kind is not None and kind != USER_RW:
+                    return False  # vmrun's own pages: the payload cannot write them, nor make us
+                if kind is None and not self.mem.read_u64(pt + 8 * ((page >> 12) & 511)) & PTE_P:
+                    return False
+        return True
 
     def describe(self, addr: int) -> str:
         """What ``addr`` is to the payload: a protected range's name, "memory no allocation
