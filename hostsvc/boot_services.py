@@ -25,13 +25,39 @@ from hostsvc.handles import TEST_PROTOCOL, AlreadyStartedError
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.memory import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION, MemType
 from hostsvc.status import EfiError
-from vmrun.errors import RunTimeout, VmrunError
+from vmrun.errors import PayloadFault, RunTimeout, VmrunError
 from vmrun.formats import pe as PE
 
 log = structlog.get_logger("hostsvc.boot_services")
 
 EFI_NATIVE_INTERFACE = 0
 MAX_VARIADIC_PAIRS = 64
+
+# Bounds on work whose size the payload chooses (issue 9: the time limit holds and the host's
+# memory stays bounded whatever the payload asks for). README "Security model" lists them.
+#: SetMem, CopyMem and CalculateCrc32 work through guest memory in chunks of this many bytes and
+#: check the run's deadline between chunks (a chunk takes a few ms on these machines)
+MEM_CHUNK = 16 << 20
+#: InstallConfigurationTable refuses a new GUID beyond this many entries (EFI_OUT_OF_RESOURCES)
+MAX_CONFIG_TABLES = 1024
+#: LoadImage refuses a SourceBuffer larger than this (EFI_LOAD_ERROR): the host copies, parses
+#: and hashes it (a Linux bzImage is ~10 MiB, a UKI with its initrd some 100 MiB)
+MAX_LOAD_IMAGE_SIZE = 512 << 20
+#: at most this many images loaded and not unloaded at once (EFI_OUT_OF_RESOURCES beyond)
+MAX_LOADED_IMAGES = 256
+#: WaitForEvent refuses a NumberOfEvents above this (EFI_INVALID_PARAMETER)
+MAX_WAIT_EVENTS = 4096
+
+
+def chunks(start: int, length: int, chunk: int | None = None):
+    """(address, size) pieces of ``length`` bytes from ``start``, ``chunk`` (default
+    :data:`MEM_CHUNK`) bytes at most each."""
+    chunk = chunk or MEM_CHUNK
+    done = 0
+    while done < length:
+        n = min(chunk, length - done)
+        yield start + done, n
+        done += n
 
 
 class ExitBootServicesCalled(Exception):
@@ -97,7 +123,10 @@ class BootServices:
             raise EfiError(S.INVALID_PARAMETER, "NumberOfEvents is 0")
         if ev.tpl != TPL_APPLICATION:
             raise EfiError(S.UNSUPPORTED, f"WaitForEvent at TPL {ev.tpl}")
-        handles = [self.mem.read_u64(event + 8 * i) for i in range(number_of_events)]
+        if number_of_events > MAX_WAIT_EVENTS:
+            raise EfiError(S.INVALID_PARAMETER, f"NumberOfEvents {number_of_events} is more than vmrun "
+                                                f"waits for at once ({MAX_WAIT_EVENTS})")
+        handles = list(self.mem.read_struct(event, ctypes.c_uint64 * number_of_events))
         while True:
             ev.poll_timers()
             for i, h in enumerate(handles):
@@ -316,6 +345,9 @@ class BootServices:
         from hostsvc import devicepath as DP
         if parent_image_handle not in self.fw.images:
             raise EfiError(S.INVALID_PARAMETER, "ParentImageHandle is not an image")
+        if len(self.fw.images) >= MAX_LOADED_IMAGES:
+            raise EfiError(S.OUT_OF_RESOURCES, f"{len(self.fw.images)} images are loaded, vmrun's limit "
+                                               "(UnloadImage frees one)")
         nodes, device_handle, file_nodes = [], 0, []
         if device_path:
             raw = self.fw._read_device_path(device_path)
@@ -323,6 +355,9 @@ class BootServices:
         if source_buffer:
             if source_size == 0:
                 raise EfiError(S.LOAD_ERROR, "SourceSize is 0")
+            if source_size > MAX_LOAD_IMAGE_SIZE:
+                raise EfiError(S.LOAD_ERROR, f"SourceSize {source_size:#x} is larger than the "
+                                             f"{MAX_LOAD_IMAGE_SIZE >> 20} MiB vmrun loads")
             data = self.mem.read(source_buffer, source_size)
             name = f"image@{source_buffer:#x}"
             file_nodes = nodes
@@ -335,14 +370,19 @@ class BootServices:
                 raise EfiError(S.NOT_FOUND, "no file system provides that device path")
             file_nodes = DP.parse(raw[offset:])
             path = IMG.file_path_text(file_nodes)
-            data = volume.read_file(path)
+            data = volume.read_file(path, max_size=MAX_LOAD_IMAGE_SIZE)
             name = path.rsplit("\\", 1)[-1]
         try:
             pe = PE.parse_pe(data, name, allowed_subsystems=tuple(PE.EFI_SUBSYSTEMS))
         except VmrunError as e:
             raise EfiError(S.UNSUPPORTED if "subsystem" in e.kind else S.LOAD_ERROR, str(e)) from None
-        img = IMG.load_image(self.fw, pe, name, parent_image_handle, device_handle=device_handle,
-                             file_path_nodes=file_nodes, source_address=source_buffer)
+        try:
+            img = IMG.load_image(self.fw, pe, name, parent_image_handle, device_handle=device_handle,
+                                 file_path_nodes=file_nodes, source_address=source_buffer)
+        except VmrunError as e:
+            if e.kind in ("fault", "timeout", "memory_cap", "halted"):
+                raise  # a run outcome, not a property of the image
+            raise EfiError(S.LOAD_ERROR, str(e)) from None
         self.mem.write_u64(image_handle, img.handle)
 
     @efiapi("StartImage", ("image_handle", HANDLE), ("exit_data_size", OPTPTR), ("exit_data", OPTPTR))
@@ -366,6 +406,8 @@ class BootServices:
         if not img.started:
             self.fw.unload_image(img)
             return S.SUCCESS
+        if not img.running:  # EDK2 CoreExit: only the image that is running may exit
+            raise EfiError(S.INVALID_PARAMETER, f"{img.name} is not running")
         raise IMG.ImageExit(image_handle, exit_status, exit_data_size, exit_data)
 
     @efiapi("UnloadImage", ("image_handle", HANDLE))
@@ -379,6 +421,21 @@ class BootServices:
 
     @efiapi("ExitBootServices", ("image_handle", HANDLE), ("map_key", UINTN))
     def exit_boot_services(self, image_handle, map_key):
+        """§7.4 ExitBootServices: a success freezes the run for the handoff, whose purgatory
+        returns EFI_SUCCESS from this very call on the target machine.
+
+        Called from an event notify function it is a payload fault: a notify function is a
+        callback that returns into the firmware's event dispatch, and on the target there is no
+        firmware left to return to (vmrun can hand off only a call made by the running image's
+        own code, which never needs to return into firmware). An image started with StartImage
+        (systemd-stub's LoadImage+StartImage of the Linux stub) is the running image and may call
+        it: its return path is its own code, as for the top-level image."""
+        if self.fw.events.notify_depth:
+            caller = self.mem.read_u64(self.fw.port.stack_pointer())  # the thunk's return address
+            raise PayloadFault(f"ExitBootServices called from an event notify function (rip {caller:#x}"
+                               f"{self.fw.port.describe_rip(caller)}): vmrun can hand off only a call "
+                               "made by the running image, not one that must return into the "
+                               "firmware's event dispatch", rip=caller)
         if map_key != self.fw.alloc.map_key:
             TCG2.exit_boot_services(self.fw, success=False)
             raise EfiError(S.INVALID_PARAMETER, f"stale map key {map_key} (current {self.fw.alloc.map_key})")
@@ -419,14 +476,34 @@ class BootServices:
 
     @efiapi("CopyMem", ("destination", OPTPTR), ("source", OPTPTR), ("length", UINTN))
     def copy_mem(self, destination, source, length):
-        if length:
-            self.mem.copy(destination, source, length)
+        """§7.5 CopyMem (memmove semantics), in :data:`MEM_CHUNK` pieces with the deadline
+        checked between them; overlapping buffers are copied back to front when the
+        destination lies above the source, so each piece reads bytes not yet overwritten."""
+        if not length or destination == source:
+            return 0
+        for what, addr in (("Source", source), ("Destination", destination)):
+            if not self.mem.contains(addr, length):
+                raise EfiError(S.INVALID_PARAMETER, f"{what} {addr:#x}+{length:#x} is outside guest memory")
+        pieces = list(chunks(0, length))
+        if source < destination < source + length:
+            pieces.reverse()
+        port = self.fw.port
+        for off, n in pieces:
+            port.check_deadline()
+            self.mem.copy(destination + off, source + off, n)
         return 0
 
     @efiapi("SetMem", ("buffer", OPTPTR), ("size", UINTN), ("value", "u8"))
     def set_mem(self, buffer, size, value):
-        if size:
-            self.mem.fill(buffer, size, value)
+        """§7.5 SetMem, in :data:`MEM_CHUNK` pieces with the deadline checked between them."""
+        if not size:
+            return 0
+        if not self.mem.contains(buffer, size):
+            raise EfiError(S.INVALID_PARAMETER, f"Buffer {buffer:#x}+{size:#x} is outside guest memory")
+        port = self.fw.port
+        for addr, n in chunks(buffer, size):
+            port.check_deadline()
+            self.mem.fill(addr, n, value)
         return 0
 
     @efiapi("GetNextMonotonicCount", ("count", PTR))
@@ -436,11 +513,28 @@ class BootServices:
 
     @efiapi("InstallConfigurationTable", ("guid", GUIDPTR), ("table", OPTPTR))
     def install_configuration_table(self, guid, table):
+        """§7.5: EFI_OUT_OF_RESOURCES when a new GUID would make more than
+        :data:`MAX_CONFIG_TABLES` entries (the spec's "not enough memory" case)."""
+        entries = self.fw.config.entries
+        if table and len(entries) >= MAX_CONFIG_TABLES and all(g != guid for g, _ in entries):
+            raise EfiError(S.OUT_OF_RESOURCES, f"the configuration table already has {len(entries)} "
+                                               f"entries, vmrun's limit")
         self.fw.set_config_table(guid, table)
 
     @efiapi("CalculateCrc32", ("data", PTR), ("data_size", UINTN), ("crc32", PTR))
     def calculate_crc32(self, data, data_size, crc32):
         if data_size == 0:
             raise EfiError(S.INVALID_PARAMETER, "DataSize is 0")
-        self.mem.write_u32(crc32, zlib.crc32(self.mem.read(data, data_size)))
+        if not self.mem.contains(data, data_size):
+            raise EfiError(S.INVALID_PARAMETER, f"Data {data:#x}+{data_size:#x} is outside guest memory")
+        crc = 0
+        port = self.fw.port
+        for addr, n in chunks(data, data_size):  # views, no copy of the guest's bytes
+            port.check_deadline()
+            view = self.mem.view(addr, n)
+            try:
+                crc = zlib.crc32(view, crc)
+            finally:
+                view.release()
+        self.mem.write_u32(crc32, crc)
 

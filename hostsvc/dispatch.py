@@ -30,6 +30,9 @@ log = structlog.get_logger("hostsvc.dispatch")
 
 _ARG_REGS = ("rcx", "rdx", "r8", "r9")
 MASK64 = (1 << 64) - 1
+#: ``--trace`` keeps the first this many calls and counts the rest (``trace_dropped``), so that
+#: neither the run nor the summary built after it grows without bound
+MAX_TRACE_ENTRIES = 100_000
 
 
 # Argument kinds -------------------------------------------------------------------------------
@@ -122,6 +125,17 @@ class ServiceTable:
     host_seconds: float = 0.0
     before_call: Callable[[], None] | None = None
     t0: float = field(default_factory=time.perf_counter)
+    #: the run's deadline check (raises RunTimeout), made before every call: a payload whose
+    #: loop goes through services (and so spends most of its time in the host, where the
+    #: run loop's timer tick may not interrupt it) still stops at the time limit
+    check_deadline: Callable[[], None] | None = None
+    trace_dropped: int = 0
+
+    def _record(self, entry_args: tuple) -> None:
+        if len(self.trace) < MAX_TRACE_ENTRIES:
+            self.trace.append(TraceEntry(*entry_args))
+        else:
+            self.trace_dropped += 1
 
     def register(self, group: str, func: Callable) -> int:
         name, params, variadic = func.__efiapi__
@@ -167,9 +181,11 @@ class ServiceTable:
         call = Call(self, regs, self.mem)
         shown: dict[str, str] = {}
         note = ""
-        if self.before_call:
-            self.before_call()
         try:
+            if self.check_deadline:
+                self.check_deadline()
+            if self.before_call:
+                self.before_call()
             kwargs = {}
             for i, p in enumerate(svc.params):
                 raw = call.raw_arg(i)
@@ -194,16 +210,15 @@ class ServiceTable:
             # the call does not return to the guest here (ExitBootServices, Exit, ResetSystem,
             # a fault in a nested call): trace it with what it means, then let it unwind
             if self.trace_enabled:
-                self.trace.append(TraceEntry(seq, svc.name, svc.group, shown,
-                                             getattr(e, "trace_status", type(e).__name__), self.depth,
-                                             svc.implemented, str(e)[:200], round(t0 - self.t0, 6)))
+                self._record((seq, svc.name, svc.group, shown, getattr(e, "trace_status", type(e).__name__),
+                              self.depth, svc.implemented, str(e)[:200], round(t0 - self.t0, 6)))
             raise
         if not svc.implemented:
             self.unimplemented_calls[svc.name] += 1
         self.host_seconds += time.perf_counter() - t0
         if self.trace_enabled:
-            self.trace.append(TraceEntry(seq, svc.name, svc.group, shown, S.name(status), self.depth,
-                                         svc.implemented, note, round(t0 - self.t0, 6)))
+            self._record((seq, svc.name, svc.group, shown, S.name(status), self.depth, svc.implemented,
+                          note[:200], round(t0 - self.t0, 6)))
         if not svc.implemented:
             log.info("efi.unimplemented", service=svc.name, group=svc.group)
         return status

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from hostsvc import status as S
 from hostsvc.guids import EVENT_GROUP_EXIT_BOOT_SERVICES, EVENT_GROUP_VIRTUAL_ADDRESS_CHANGE
 from hostsvc.status import EfiError
+from vmrun.errors import PayloadFault
 
 EVT_TIMER = 0x80000000
 EVT_RUNTIME = 0x40000000
@@ -30,6 +31,14 @@ TIMER_CANCEL, TIMER_PERIODIC, TIMER_RELATIVE = 0, 1, 2
 _VALID_TYPES = {0, EVT_TIMER, EVT_RUNTIME, EVT_NOTIFY_WAIT, EVT_NOTIFY_SIGNAL,
                 EVT_SIGNAL_EXIT_BOOT_SERVICES, EVT_SIGNAL_VIRTUAL_ADDRESS_CHANGE}
 _TICK = 1e-7  # timer units are 100 ns
+
+#: CreateEvent refuses more live events than this (EFI_OUT_OF_RESOURCES): every service call
+#: polls the timers, and signalling a group looks at every event
+MAX_EVENTS = 16384
+#: notify functions running inside one another (a notify that lowers the TPL with RestoreTPL and
+#: so lets its own event run again, …): deeper is a payload fault. Each level is a nested guest
+#: call and some ten host stack frames (see also hostsvc.images.MAX_IMAGE_NESTING).
+MAX_NOTIFY_NESTING = 32
 
 
 @dataclass
@@ -58,6 +67,9 @@ class Events:
     tpl: int = TPL_APPLICATION
     pending: list[Event] = field(default_factory=list)
     _order: int = 0
+    #: how many notify functions are running now (nested guest calls); ExitBootServices refuses
+    #: to run inside one
+    notify_depth: int = 0
 
     def get(self, handle: int) -> Event:
         ev = self.events.get(handle)
@@ -85,6 +97,9 @@ class Events:
                 raise EfiError(S.INVALID_PARAMETER, "notify event without NotifyFunction")
             if not TPL_APPLICATION < notify_tpl < TPL_HIGH_LEVEL:
                 raise EfiError(S.INVALID_PARAMETER, f"NotifyTpl {notify_tpl}")
+        if len(self.events) >= MAX_EVENTS:
+            raise EfiError(S.OUT_OF_RESOURCES, f"{len(self.events)} events exist, vmrun's limit "
+                                               "(CloseEvent frees one)")
         handle = self.new_handle()
         self._order += 1
         self.events[handle] = Event(handle, type_, notify_tpl, notify_function, notify_context,
@@ -129,12 +144,24 @@ class Events:
                 return
             ev = max(ready, key=lambda e: (e.notify_tpl, -e.order))
             self.pending.remove(ev)
-            old = self.tpl
-            self.tpl = ev.notify_tpl
-            try:
-                self.call_notify(ev.notify_function, ev.handle, ev.notify_context)
-            finally:
-                self.tpl = old
+            self._notify(ev)
+
+    def _notify(self, ev: Event) -> None:
+        """Run ``ev``'s notify function at its TPL (nested at most :data:`MAX_NOTIFY_NESTING`)."""
+        if self.notify_depth >= MAX_NOTIFY_NESTING:
+            raise PayloadFault(
+                f"notify functions nested deeper than {MAX_NOTIFY_NESTING}: the notify function at "
+                f"{ev.notify_function:#x} (event {ev.handle:#x}, TPL {ev.notify_tpl}) was to run inside "
+                f"{self.notify_depth} running ones (a notify function that lowers the TPL below its "
+                "own, or re-signals its event from a lower TPL?)", rip=ev.notify_function)
+        old = self.tpl
+        self.tpl = max(old, ev.notify_tpl)
+        self.notify_depth += 1
+        try:
+            self.call_notify(ev.notify_function, ev.handle, ev.notify_context)
+        finally:
+            self.notify_depth -= 1
+            self.tpl = old
 
     # --- TPL --------------------------------------------------------------------------------
     def raise_tpl(self, new: int) -> int:
@@ -195,17 +222,19 @@ class Events:
 
     # --- waiting ----------------------------------------------------------------------------
     def check(self, handle: int) -> bool:
-        """CheckEvent semantics: True (and cleared) when signaled; NOTIFY_SIGNAL → INVALID_PARAMETER."""
+        """CheckEvent semantics: True (and cleared) when signaled; NOTIFY_SIGNAL → INVALID_PARAMETER.
+
+        An unsignaled NOTIFY_WAIT event queues its notify function (once: an event already
+        queued stays queued, §7.1 CheckEvent / EDK2 CoreCheckEvent), which runs now if its TPL
+        is above the current one. So a wait notify function that calls CheckEvent on its own
+        event (running at that event's TPL) does not run itself again."""
         ev = self.get(handle)
         if ev.type & EVT_NOTIFY_SIGNAL:
             raise EfiError(S.INVALID_PARAMETER, "CheckEvent on a NOTIFY_SIGNAL event")
         if not ev.signaled and ev.type & EVT_NOTIFY_WAIT:
-            old = self.tpl
-            self.tpl = max(self.tpl, ev.notify_tpl)
-            try:
-                self.call_notify(ev.notify_function, ev.handle, ev.notify_context)
-            finally:
-                self.tpl = old
+            if ev not in self.pending:
+                self.pending.append(ev)
+            self.dispatch()
         if ev.signaled:
             ev.signaled = False
             return True

@@ -64,9 +64,11 @@ class Firmware:
         self.target = target
         self.options = options
         self.alloc = Allocator(target, options.memory_cap)
-        self.table = ServiceTable(self.mem, trace_enabled=options.trace)
+        # every service call (boot, runtime, protocol) checks the run's deadline first
+        self.table = ServiceTable(self.mem, trace_enabled=options.trace, check_deadline=port.check_deadline)
         self.table.before_call = self._before_call
         self.console_text: list[str] = []
+        self.console_dropped = 0         # characters beyond what is kept (protocols.console)
         self.config = ConfigTables()
         self.images: dict[int, "object"] = {}
         self.boot_services_done = False
@@ -252,6 +254,9 @@ class Firmware:
     def unload_image(self, img) -> None:
         """Free an image that has not been started (UnloadImage, or Exit before StartImage)."""
         self.alloc.free_pages(img.base, img.pages)
+        for addr in img.pools:  # LoadedImage, LoadOptions … made for it by images.load_image
+            self.alloc.free_pool(addr, owner="firmware")
+        img.pools = ()
         self.handles.close_all_by_agent(img.handle)
         for guid in (G.LOADED_IMAGE_DEVICE_PATH, G.LOADED_IMAGE):
             iface = self.handles.handle_protocol(img.handle, guid)

@@ -69,6 +69,16 @@ _VALID_ATTRIBUTES = {BY_HANDLE_PROTOCOL, GET_PROTOCOL, TEST_PROTOCOL, BY_CHILD_C
 # CoreDisconnectControllersUsingProtocolInterface); anything else blocks them.
 _SOFT = BY_HANDLE_PROTOCOL | GET_PROTOCOL | TEST_PROTOCOL
 
+# Bounds on what a payload can pile up (each install, open or registration is one service call,
+# but every later LocateHandle, OpenProtocol or install walks them): beyond them the call fails
+# with EFI_OUT_OF_RESOURCES, the spec's status for "no memory for it".
+#: protocol interfaces installed at once, on all handles (a new handle needs one)
+MAX_INTERFACES = 65536
+#: open entries (distinct agent/controller/attributes) on one protocol interface
+MAX_OPENS = 1024
+#: RegisterProtocolNotify registrations alive at once
+MAX_REGISTRATIONS = 4096
+
 
 class AlreadyStartedError(EfiError):
     """OpenProtocol → EFI_ALREADY_STARTED; ``interface`` is still returned (§7.3 OpenProtocol)."""
@@ -134,6 +144,7 @@ class HandleDB:
         self._by_guid: dict[UUID, list[_Iface]] = {}            # per protocol, ordered by seq
         self._regs: dict[int, _Registration] = {}
         self._seq = itertools.count(1)
+        self._count = 0                                         # interfaces installed now
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -156,7 +167,13 @@ class HandleDB:
             raise EfiError(OUT_OF_RESOURCES, f"new_handle() returned unusable value {h!r}")
         return h
 
+    def _room(self, n: int) -> None:
+        if self._count + n > MAX_INTERFACES:
+            raise EfiError(OUT_OF_RESOURCES, f"{self._count} protocol interfaces are installed, vmrun's "
+                                             f"limit is {MAX_INTERFACES}")
+
     def _add(self, handle: int, guid: UUID, interface: int) -> _Iface:
+        self._count += 1
         rec = _Iface(handle, guid, interface, next(self._seq))
         self._handles.setdefault(handle, {})[guid] = rec
         self._by_guid.setdefault(guid, []).append(rec)
@@ -165,6 +182,7 @@ class HandleDB:
     def _remove(self, rec: _Iface) -> None:
         protos = self._handles[rec.handle]
         del protos[rec.guid]
+        self._count -= 1
         self._by_guid[rec.guid].remove(rec)
         if not protos:
             del self._handles[rec.handle]
@@ -204,7 +222,8 @@ class HandleDB:
         if handle:
             if guid in self._protos(handle):
                 raise EfiError(INVALID_PARAMETER, f"{guid_name(guid)} already installed on {handle:#x}")
-        else:
+        self._room(1)
+        if not handle:
             handle = self._alloc_handle()
         self._add(handle, guid, interface)
         self._fire(self._events_for([guid]))
@@ -239,6 +258,7 @@ class HandleDB:
                         raise EfiError(ALREADY_STARTED, f"device path already on handle {h:#x}")
         if not pairs:
             return handle or 0
+        self._room(len(pairs))
         created = not handle
         if created:
             handle = self._alloc_handle()
@@ -404,6 +424,9 @@ class HandleDB:
                 raise EfiError(ACCESS_DENIED, f"{guid_name(guid)} on {handle:#x} is opened BY_DRIVER "
                                               "(DisconnectController not supported)")
         if agent:
+            if len(rec.opens) >= MAX_OPENS:
+                raise EfiError(OUT_OF_RESOURCES, f"{guid_name(guid)} on {handle:#x} is open {len(rec.opens)} "
+                                                 f"times, vmrun's limit")
             rec.opens.append(_Open(agent, controller or 0, attributes))
         return result
 
@@ -452,6 +475,9 @@ class HandleDB:
         guid = self._check_guid(guid)
         if not event:
             raise EfiError(INVALID_PARAMETER, "Event is NULL")
+        if len(self._regs) >= MAX_REGISTRATIONS:
+            raise EfiError(OUT_OF_RESOURCES, f"{len(self._regs)} protocol notify registrations exist, "
+                                             "vmrun's limit (CloseEvent drops an event's)")
         key = next(self._reg_keys)
         # EDK2 starts the cursor at the head of the protocol's list
         self._regs[key] = _Registration(key, guid, event, 0)

@@ -13,8 +13,8 @@ from hostsvc import status as S
 from hostsvc import uefi_types as U
 from hostsvc.dispatch import GUIDPTR, OPTPTR, PTR, U32, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
+from hostsvc.variables import MAX_NAME_CHARS, MAX_VARIABLE_SIZE
 
-MAX_NAME_CHARS = 1024
 #: EFI_TIME_CAPABILITIES GetTime reports: 1 Hz resolution, 1 s (1e6 ppm) accuracy, not reset to
 #: zero on a time set
 TIME_CAPABILITIES = dict(Resolution=1, Accuracy=1_000_000, SetsToZero=0)
@@ -68,9 +68,12 @@ class RuntimeServices:
     @efiapi("SetVariable", ("variable_name", PTR), ("vendor_guid", GUIDPTR), ("attributes", U32),
             ("data_size", UINTN), ("data", OPTPTR))
     def set_variable(self, variable_name, vendor_guid, attributes, data_size, data):
-        name = self.mem.read_utf16z(variable_name, MAX_NAME_CHARS)
+        name = self.mem.read_utf16z(variable_name, MAX_NAME_CHARS + 1)
         if data_size and not data:
             raise EfiError(S.INVALID_PARAMETER, "Data is NULL")
+        if data_size > MAX_VARIABLE_SIZE:  # before the host copies it
+            raise EfiError(S.INVALID_PARAMETER, f"DataSize {data_size:#x} is more than MaximumVariableSize "
+                                                f"{MAX_VARIABLE_SIZE}")
         payload = self.mem.read(data, data_size) if data_size else b""
         self.fw.variables.set(name, vendor_guid, attributes, payload)
 
@@ -80,11 +83,10 @@ class RuntimeServices:
                             remaining_variable_storage_size, maximum_variable_size):
         if attributes == 0:
             raise EfiError(S.INVALID_PARAMETER, "Attributes is 0")
-        used = sum(len(v.data) + 2 * len(v.name) for v in self.fw.variables.vars.values())
-        total = 256 * 1024
-        self.mem.write_u64(maximum_variable_storage_size, total)
-        self.mem.write_u64(remaining_variable_storage_size, max(total - used, 0))
-        self.mem.write_u64(maximum_variable_size, 64 * 1024)
+        store = self.fw.variables
+        self.mem.write_u64(maximum_variable_storage_size, store.storage_size)
+        self.mem.write_u64(remaining_variable_storage_size, store.remaining_bytes)
+        self.mem.write_u64(maximum_variable_size, MAX_VARIABLE_SIZE)
 
     @efiapi("GetNextHighMonotonicCount", ("high_count", PTR))
     def get_next_high_monotonic_count(self, high_count):

@@ -23,7 +23,7 @@ import hashlib
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from hostsvc import uefi_types as U
 
@@ -449,11 +449,20 @@ class PeHashError(ValueError):
     pass
 
 
-def authenticode_digests(pe: bytes, algs: Iterable[str] = ("sha256",)) -> dict[str, bytes]:
+#: authenticode_digests hashes in pieces of this size and calls its ``tick`` between them
+HASH_CHUNK = 16 << 20
+
+
+def authenticode_digests(pe: bytes, algs: Iterable[str] = ("sha256",), *,
+                         tick: Callable[[], None] | None = None) -> dict[str, bytes]:
     """The PE/COFF image hash as EDK2's MeasurePeImageAndExtend computes it over a file image
     (Authenticode, PE/COFF spec appendix "Calculating the PE Image Hash"): headers without the
     CheckSum and the Certificate Table directory entry, the sections with raw data in file
-    order, then the data after SUM_OF_BYTES_HASHED up to FileSize - CertificateTable.Size."""
+    order, then the data after SUM_OF_BYTES_HASHED up to FileSize - CertificateTable.Size.
+
+    The sections' raw data may overlap (EDK2 hashes each anyway), so the work can be up to
+    65535 times the file's size: ``tick()`` (the run's deadline check) is called before every
+    :data:`HASH_CHUNK` bytes hashed."""
     pe = memoryview(bytes(pe))
     n = len(pe)
 
@@ -495,9 +504,12 @@ def authenticode_digests(pe: bytes, algs: Iterable[str] = ("sha256",)) -> dict[s
     def update(lo: int, hi: int) -> None:
         if hi < lo or hi > n:
             raise PeHashError(f"range {lo:#x}-{hi:#x} outside the {n:#x}-byte file")
-        chunk = pe[lo:hi]
-        for h in hs.values():
-            h.update(chunk)
+        for at in range(lo, hi, HASH_CHUNK):
+            if tick is not None:
+                tick()
+            chunk = pe[at:min(at + HASH_CHUNK, hi)]
+            for h in hs.values():
+                h.update(chunk)
 
     SECURITY = 4
     update(0, checksum)

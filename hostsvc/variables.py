@@ -25,6 +25,22 @@ APPEND_WRITE = 0x40
 ENHANCED_AUTHENTICATED_ACCESS = 0x80
 _KNOWN_ATTRS = 0xFF
 
+# The store's limits, what QueryVariableInfo reports and SetVariable enforces (UEFI 2.10 §8.2).
+#: MaximumVariableSize: one variable's name (UTF-16 with its NUL) plus data, at most
+MAX_VARIABLE_SIZE = 64 * 1024
+#: storage for the payload's variables, beyond what the seeds (--var, --vars, --host-vars) use
+STORAGE_SIZE = 256 * 1024
+#: a name is at most this many characters (without the NUL)
+MAX_NAME_CHARS = 1024
+#: bytes each variable costs in the store beyond its name and data (EDK2's variable header is
+#: some 60 bytes): many tiny variables also run out of storage
+VARIABLE_OVERHEAD = 64
+
+
+def variable_size(name: str, data: bytes) -> int:
+    """What a variable counts against MaximumVariableSize: its UTF-16 name with the NUL, and data."""
+    return 2 * (len(name) + 1) + len(data)
+
 
 @dataclass
 class Variable:
@@ -36,25 +52,40 @@ class Variable:
 
 @dataclass
 class VariableStore:
+    """The variables, and how often the payload wrote each (in first-write order).
+
+    Storage is :data:`STORAGE_SIZE` bytes beyond what the seeds use (so ``--host-vars`` with a
+    full store still leaves the payload room); each variable costs its name, data and
+    :data:`VARIABLE_OVERHEAD`."""
     vars: dict[tuple[str, uuid.UUID], Variable] = field(default_factory=dict)
-    writes: list[dict] = field(default_factory=list)
+    writes: dict[tuple[str, uuid.UUID], int] = field(default_factory=dict)
+    seeded_bytes: int = 0
 
     def seed(self, name: str, guid: uuid.UUID, data: bytes,
              attributes: int = NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS) -> None:
         self.vars[(name, guid)] = Variable(name, guid, attributes, data)
+        self.seeded_bytes += variable_size(name, data) + VARIABLE_OVERHEAD
+
+    @property
+    def storage_size(self) -> int:
+        """MaximumVariableStorageSize (QueryVariableInfo)."""
+        return self.seeded_bytes + STORAGE_SIZE
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(variable_size(v.name, v.data) + VARIABLE_OVERHEAD for v in self.vars.values())
+
+    @property
+    def remaining_bytes(self) -> int:
+        """RemainingVariableStorageSize (QueryVariableInfo)."""
+        return max(self.storage_size - self.used_bytes, 0)
 
     def summary(self) -> list[dict]:
         """The variables the payload set (final value, or deleted), for the run summary."""
         out = []
-        seen = set()
-        for w in self.writes:
-            key = (w["name"], w["guid"])
-            if key in seen:
-                continue
-            seen.add(key)
-            v = self.vars.get((w["name"], uuid.UUID(w["guid"])))
-            entry = {"name": w["name"], "guid": w["guid"], "writes": sum(1 for x in self.writes
-                                                                        if (x["name"], x["guid"]) == key)}
+        for (name, guid), count in self.writes.items():
+            v = self.vars.get((name, guid))
+            entry = {"name": name, "guid": str(guid), "writes": count}
             if v is None:
                 entry["deleted"] = True
             else:
@@ -89,9 +120,17 @@ class VariableStore:
         return self.vars[keys[idx]]
 
     def set(self, name: str, guid: uuid.UUID, attributes: int, data: bytes) -> None:
-        """SetVariable (§8.2): DataSize 0 or Attributes 0 deletes; APPEND_WRITE appends."""
+        """SetVariable (§8.2): DataSize 0 or Attributes 0 deletes; APPEND_WRITE appends.
+
+        The limits QueryVariableInfo reports hold: a variable larger than MaximumVariableSize is
+        EFI_INVALID_PARAMETER ("the DataSize exceeds the maximum allowed"), one that does not
+        fit the remaining storage EFI_OUT_OF_RESOURCES; a name longer than
+        :data:`MAX_NAME_CHARS` is EFI_INVALID_PARAMETER."""
         if not name:
             raise EfiError(S.INVALID_PARAMETER, "empty variable name")
+        if len(name) > MAX_NAME_CHARS:
+            raise EfiError(S.INVALID_PARAMETER, f"variable name of {len(name)} characters (at most "
+                                                f"{MAX_NAME_CHARS})")
         if attributes & ~_KNOWN_ATTRS:
             raise EfiError(S.INVALID_PARAMETER, f"unknown attributes {attributes:#x}")
         if attributes & (AUTHENTICATED_WRITE_ACCESS | TIME_BASED_AUTHENTICATED_WRITE_ACCESS
@@ -102,20 +141,33 @@ class VariableStore:
         key = (name, guid)
         existing = self.vars.get(key)
         append = bool(attributes & APPEND_WRITE)
-        self.writes.append({"name": name, "guid": str(guid), "attributes": attributes,
-                            "size": len(data)})
         if (not data and not append) or attributes & ~APPEND_WRITE == 0:
             if existing is None:
                 raise EfiError(S.NOT_FOUND, f"delete of missing {name}")
+            self._count_write(key)
             del self.vars[key]
             return
         attrs = attributes & ~APPEND_WRITE
         if existing is not None and existing.attributes != attrs:
             raise EfiError(S.INVALID_PARAMETER, f"{name} exists with attributes {existing.attributes:#x}")
-        if append and existing is not None:
-            existing.data += data
-            return
-        self.vars[key] = Variable(name, guid, attrs, bytes(data))
+        new_data = existing.data + data if append and existing is not None else bytes(data)
+        size = variable_size(name, new_data)
+        if size > MAX_VARIABLE_SIZE:
+            raise EfiError(S.INVALID_PARAMETER, f"{name} would be {size} bytes (name and data), more than "
+                                                f"MaximumVariableSize {MAX_VARIABLE_SIZE}")
+        old_cost = variable_size(name, existing.data) + VARIABLE_OVERHEAD if existing is not None else 0
+        grow = size + VARIABLE_OVERHEAD - old_cost
+        if grow > 0 and grow > self.remaining_bytes:
+            raise EfiError(S.OUT_OF_RESOURCES, f"{name} needs {grow} more bytes of variable storage, "
+                                               f"{self.remaining_bytes} remain")
+        self._count_write(key)
+        if existing is not None:
+            existing.data = new_data
+        else:
+            self.vars[key] = Variable(name, guid, attrs, new_data)
+
+    def _count_write(self, key: tuple[str, uuid.UUID]) -> None:
+        self.writes[key] = self.writes.get(key, 0) + 1
 
 
 def parse_var_option(text: str) -> tuple[str, uuid.UUID, bytes]:

@@ -25,10 +25,12 @@ from hostsvc.memmap import TargetMemoryMap
 from hostsvc.protocols import tcg2 as TCG2
 from hostsvc.runtime_services import ResetSystemCalled
 from hostsvc.setup import FirmwareSpec, build_firmware
-from vmrun.errors import (InputFileError, MemoryCapExceeded, PayloadFault, PayloadHalted, RunTimeout,
-                          VmrunError)
+from hostsvc.status import EfiError
+from vmrun.errors import (BadOptionError, InputFileError, MalformedImageError, MemoryCapExceeded,
+                          PayloadFault, PayloadHalted, RunTimeout, VmrunError)
 from vmrun.formats import linux
 from vmrun.formats import pe as PE
+from vmrun.handoff import state as handoff_state
 from vmrun.vm import layout as L
 from vmrun.vm.cpu import load_blob
 from vmrun.vm.devices import standard_bus
@@ -37,6 +39,9 @@ from vmrun.vm.machine import Machine, RunLimits
 from vmrun.vm.port import GuestPort
 
 log = structlog.get_logger("vmrun.runner")
+
+#: lines of the payload's serial (UART) output kept for the summary; each is at most 4096 bytes
+MAX_SERIAL_LINES = 10_000
 
 
 @dataclass
@@ -80,6 +85,7 @@ class FrozenState:
     descriptors: list
     allocations: list
     config_tables: list[tuple[str, int]]
+    extended_state: list[str] = field(default_factory=list)  # XSAVE components left in use
 
 
 @dataclass
@@ -103,6 +109,7 @@ class RunResult:
     pcrs: dict | None = None
     event_log: bytes | None = None
     trace: list[dict] | None = None
+    trace_dropped: int = 0  # calls past hostsvc.dispatch.MAX_TRACE_ENTRIES, not in ``trace``
     frozen: FrozenState | None = None
     machine: Machine | None = None
     firmware: Firmware | None = None
@@ -136,8 +143,12 @@ class RunResult:
             f = self.frozen
             d["frozen"] = {"rip": hex(f.regs["rip"]), "rsp": hex(f.regs["rsp"]), "cr3": hex(f.sregs["cr3"]),
                            "map_key": f.map_key, "system_table": hex(f.system_table)}
+            if f.extended_state:
+                d["frozen"]["extended_state"] = f.extended_state
         if self.trace is not None:
             d["trace"] = self.trace
+            if self.trace_dropped:
+                d["trace_dropped"] = self.trace_dropped
         return d
 
 
@@ -204,7 +215,13 @@ def _freeze(fw: Firmware, machine: Machine, e: ExitBootServicesCalled) -> Frozen
     r = {n: getattr(regs, n) for n, _ in regs._fields_}
     sr = {n: getattr(sregs, n) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")}
     sr["pat"] = vcpu.get_msrs([L.MSR_PAT]).get(L.MSR_PAT, L.PAT_DEFAULT)
+    # AVX state the payload used runs on this host's CPU although the CPU it was shown has none
+    # (vmrun.handoff.state explains why it is reported, not carried)
+    used = handoff_state.extended_state_in_use(vcpu.get_xsave())
+    if used:
+        log.warning("handoff.extended_state", message=handoff_state.extended_state_warning(used))
     return FrozenState(
+        extended_state=used,
         regs=r, sregs=sr, fpu=bytes(vcpu.get_fpu()), image_handle=e.image_handle, map_key=e.map_key,
         system_table=fw.system_table, descriptors=fw.alloc.descriptors(),
         allocations=list(fw.alloc.allocations),
@@ -252,8 +269,9 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             tpm=options.tpm, tpm_banks=options.tpm_banks, pcr_base=options.pcr_base, initrd=initrd))
 
         def uart_line(line: str) -> None:
-            serial_lines.append(line)
-            log.info("serial", text=line)
+            if len(serial_lines) < MAX_SERIAL_LINES:  # the UART's output is bounded too
+                serial_lines.append(line)
+                log.info("serial", text=line)
 
         bus, uart = standard_bus(uart_line)
         emulator = Emulator(bus, fw.events)
@@ -271,7 +289,15 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             from hostsvc.protocols.filesystem import empty_volume_hook
             load_kwargs.update(empty_volume_hook(path, options.esp_path, partuuid=options.esp_partuuid)(fw))
         TCG2.separators(fw)  # ReadyToBoot: PCR 0-7 separators before the OS loader is measured
-        img = load_image(fw, image, path.name, 0, load_options=options.cmdline, **load_kwargs)
+        try:
+            img = load_image(fw, image, path.name, 0, load_options=options.cmdline, **load_kwargs)
+        except EfiError as e:
+            # the parser accepted it, but placing it failed: relocations or the Authenticode
+            # hash (with a TPM) refused the file, or there is no room for it
+            if e.status == S.LOAD_ERROR:
+                raise MalformedImageError(f"{path.name} cannot be loaded: {e.why}") from None
+            raise BadOptionError(f"{path.name} cannot be loaded in the target's memory: "
+                                 f"{S.name(e.status)} ({e.why})") from None
         log.info("run.start", payload=path.name, entry=hex(img.entry), timeout=options.timeout)
         machine.start_watchdog()
         try:
@@ -306,7 +332,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
         result = RunResult(
             outcome=outcome, seconds=seconds, payload=payload_info,
             services=dict(fw.table.counts), unimplemented=dict(fw.table.unimplemented_calls),
-            console=fw.console, serial="\n".join(serial_lines), exit_status=exit_status, error=error,
+            console=_console_text(fw), serial="\n".join(serial_lines), exit_status=exit_status, error=error,
             image={"base": hex(img.base), "entry": hex(img.entry), "size": img.size,
                    "handle": hex(img.handle)},
             emulated=dict(emulator.counts),
@@ -319,6 +345,7 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             config_tables=[{"guid": str(g), "name": G.guid_name(g), "address": hex(t)}
                            for g, t in fw.config.entries],
             trace=[vars(t) for t in fw.table.trace] if options.trace else None,
+            trace_dropped=fw.table.trace_dropped,
             frozen=frozen, machine=machine, firmware=fw)
         result.uart = uart
         if fw.tcg2 is not None:
@@ -332,6 +359,13 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
     finally:
         if not keep:
             machine.close()
+
+
+def _console_text(fw: Firmware) -> str:
+    """What the payload wrote to ConOut/StdErr, as kept (hostsvc.protocols.console.MAX_CONSOLE_CHARS),
+    with a note of how much was dropped."""
+    dropped = fw.console_dropped
+    return fw.console + (f"\n[… {dropped} characters of console output dropped]" if dropped else "")
 
 
 def last_console_line(console: str, serial: list[str]) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 
+import structlog
+
 from hostsvc import guids as G
 from hostsvc import status as S
 from hostsvc import uefi_types as U
@@ -12,7 +14,14 @@ from hostsvc.dispatch import BOOL, PTR, UINTN, efiapi
 from hostsvc.events import EVT_NOTIFY_WAIT, TPL_NOTIFY
 from hostsvc.status import EfiError
 
+log = structlog.get_logger("hostsvc.console")
+
 MODES = [(80, 25)]
+#: the run keeps (and logs) the first this many characters of console output; the rest is
+#: counted in ``Firmware.console_dropped`` and the summary says how much was dropped. A single
+#: OutputString reads at most 32768 characters (GuestMemory.read_utf16z's bound; longer or
+#: unterminated strings are EFI_INVALID_PARAMETER).
+MAX_CONSOLE_CHARS = 1 << 20
 
 
 class TextOutput:
@@ -22,6 +31,7 @@ class TextOutput:
         self.fw = fw
         self.mem = fw.mem
         self.streams: dict[int, str] = {}
+        self.kept = 0  # characters of output kept so far (both streams)
         self.mode_addr = fw.pool(ctypes.sizeof(U.SIMPLE_TEXT_OUTPUT_MODE))
         self.column = self.row = 0
         self.attribute = 0x07
@@ -56,7 +66,18 @@ class TextOutput:
     @efiapi("OutputString", ("this", PTR), ("string", PTR))
     def output_string(self, this, string):
         text = self.mem.read_utf16z(string)
-        self.fw.console_write(text, self._stream(this))
+        stream = self._stream(this)
+        room = MAX_CONSOLE_CHARS - self.kept
+        if len(text) <= room:
+            self.fw.console_write(text, stream)
+            self.kept += len(text)
+        else:
+            if room > 0:
+                self.fw.console_write(text[:room], stream)
+                self.kept += room
+                log.warning("console.truncated", kept_chars=MAX_CONSOLE_CHARS,
+                            why="the payload wrote more console output than vmrun keeps; the rest is counted")
+            self.fw.console_dropped += len(text) - max(room, 0)
         for ch in text:
             if ch == "\n":
                 self.row = min(self.row + 1, MODES[0][1] - 1)

@@ -67,6 +67,9 @@ PARTITION_START = 0x800      # LBA of partition 1, as a GPT disk from sgdisk/par
 # the partition GUID of the volume backed by no folder (stable, so runs are reproducible)
 EMPTY_VOLUME_PARTUUID = uuid.uuid5(uuid.NAMESPACE_URL, "urn:vmrun:empty-volume")
 MAX_NAME = 255               # FAT long file name limit
+WRITE_CHUNK = 16 << 20       # Read/Write move file data in pieces of this size (deadline between)
+MAX_INFO_SIZE = 64 * 1024    # SetInfo: no information structure is larger (name ≤ 255 chars)
+MAX_FILE_OFFSET = (1 << 63) - 1  # the host's off_t: positions and sizes beyond are EFI_VOLUME_FULL
 INVALID_NAME_CHARS = set('"*/:<>?\\|')   # EDK2 FatFileNameIsValid (and control characters)
 
 
@@ -432,15 +435,19 @@ class EspVolume:
 
         return esp_hook
 
-    def read_file(self, efi_path: str) -> bytes:
+    def read_file(self, efi_path: str, max_size: int | None = None) -> bytes:
         """The bytes of a file on the volume, through the same jail (for LoadImage from a
-        device path)."""
+        device path); a file larger than ``max_size`` is EFI_LOAD_ERROR, unread."""
         r = self._resolve((), efi_path)
         if r.kind != "file":
             raise EfiError(S.NOT_FOUND, f"{r.efi_path} is a directory")
         fd = self._open_fd(r.rel, r.efi_path)
         try:
-            return _pread_all(fd, os.fstat(fd).st_size, 0)
+            size = os.fstat(fd).st_size
+            if max_size is not None and size > max_size:
+                raise EfiError(S.LOAD_ERROR, f"{r.efi_path} is {size} bytes, more than the "
+                                             f"{max_size >> 20} MiB vmrun loads")
+            return _pread_all(fd, size, 0)
         finally:
             os.close(fd)
 
@@ -454,6 +461,13 @@ class EspVolume:
         self.mem.write_struct(addr, self._file_protocol)
         self.files[addr] = of
         return addr
+
+    def _tick(self) -> None:
+        """The run's deadline check between pieces of a Read or Write (a firmware stand-in
+        without one, as unit tests build, has none)."""
+        check = getattr(self.fw.port, "check_deadline", None)
+        if check is not None:
+            check()
 
     def _file(self, this: int) -> OpenFile:
         of = self.files.get(this)
@@ -643,13 +657,21 @@ class EspVolume:
             n = min(want, size - of.position)
             if n and not buffer:
                 raise EfiError(S.INVALID_PARAMETER, "Buffer is NULL")
-            data = _pread_all(fd, n, of.position)
+            if n and not self.mem.contains(buffer, n):
+                raise EfiError(S.INVALID_PARAMETER, f"Buffer {buffer:#x}+{n:#x} is outside guest memory")
+            # in pieces (the host holds one at a time), the run's deadline checked between them
+            done = 0
+            while done < n:
+                self._tick()
+                data = _pread_all(fd, min(n - done, WRITE_CHUNK), of.position + done)
+                if not data:
+                    break
+                self.mem.write(buffer + done, data)
+                done += len(data)
         finally:
             os.close(fd)
-        if data:
-            self.mem.write(buffer, data)
-        self.mem.write_u64(buffer_size, len(data))
-        of.position += len(data)
+        self.mem.write_u64(buffer_size, done)
+        of.position += done
 
     @efiapi("Write", ("this", PTR), ("buffer_size", PTR), ("buffer", PTR))
     def write(self, this, buffer_size, buffer):
@@ -658,17 +680,28 @@ class EspVolume:
             raise EfiError(S.UNSUPPORTED, "Write on a directory")
         self._require_writable(of)
         n = self.mem.read_u64(buffer_size)
-        data = self.mem.read(buffer, n) if n else b""
+        if n and not self.mem.contains(buffer, n):
+            raise EfiError(S.INVALID_PARAMETER, f"Buffer {buffer:#x}+{n:#x} is outside guest memory")
+        if of.position + n > MAX_FILE_OFFSET:
+            raise EfiError(S.VOLUME_FULL, f"writing {n} bytes at position {of.position:#x} would pass the "
+                                          f"largest file offset {MAX_FILE_OFFSET:#x}")
         fd = self._open_fd(of.rel, of.efi_path, os.O_WRONLY)
         try:
+            # straight from guest memory in pieces (no host copy of the whole buffer), the run's
+            # deadline checked between them
             done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], of.position + done)
+            while done < n:
+                self._tick()
+                view = self.mem.view(buffer + done, min(n - done, WRITE_CHUNK))
+                try:
+                    done += os.pwrite(fd, view, of.position + done)
+                finally:
+                    view.release()
         except OSError as e:
             raise _os_error(e, of.efi_path) from None
         finally:
             os.close(fd)
-        of.position += len(data)
+        of.position += n
 
     @efiapi("GetPosition", ("this", PTR), ("position", PTR))
     def get_position(self, this, position):
@@ -709,6 +742,9 @@ class EspVolume:
         if information_type not in (G.FILE_INFO, G.FILE_SYSTEM_INFO, G.FILE_SYSTEM_VOLUME_LABEL):
             raise EfiError(S.UNSUPPORTED, f"information type {G.guid_name(information_type)}")
         self._require_writable()
+        if buffer_size > MAX_INFO_SIZE:
+            raise EfiError(S.BAD_BUFFER_SIZE, f"BufferSize {buffer_size:#x} is more than an information "
+                                              f"structure needs ({MAX_INFO_SIZE} bytes at most)")
         raw = self.mem.read(buffer, buffer_size)
         if information_type == G.FILE_SYSTEM_VOLUME_LABEL:
             self.label = raw.decode("utf-16-le", errors="replace").split("\0", 1)[0]
@@ -740,6 +776,9 @@ class EspVolume:
         try:
             st = os.fstat(fd)
             if not of.is_dir and file_size != st.st_size:
+                if file_size > MAX_FILE_OFFSET:
+                    raise EfiError(S.VOLUME_FULL, f"FileSize {file_size:#x} is more than the largest file "
+                                                  f"size {MAX_FILE_OFFSET:#x}")
                 os.ftruncate(fd, file_size)
             access, modify = parse_efi_time(info.LastAccessTime), parse_efi_time(info.ModificationTime)
             if access is not None or modify is not None:

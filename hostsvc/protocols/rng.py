@@ -12,6 +12,8 @@ from hostsvc.dispatch import OPTGUIDPTR, OPTPTR, PTR, UINTN, efiapi, size_in_out
 from hostsvc.status import EfiError
 
 ALGORITHMS = [G.RNG_ALGORITHM_RAW]
+#: GetRNG fills the buffer this many bytes at a time
+CHUNK = 1 << 20
 
 
 class Rng:
@@ -38,4 +40,13 @@ class Rng:
             raise EfiError(S.INVALID_PARAMETER, "RNGValueLength is 0")
         if rng_algorithm is not None and rng_algorithm not in ALGORITHMS:
             raise EfiError(S.UNSUPPORTED, f"algorithm {G.guid_name(rng_algorithm)}")
-        self.mem.write(rng_value, os.urandom(rng_value_length))
+        if not self.mem.contains(rng_value, rng_value_length):
+            raise EfiError(S.INVALID_PARAMETER, f"RNGValue {rng_value:#x}+{rng_value_length:#x} is "
+                                                "outside guest memory")
+        # in pieces, the deadline checked between them: the host never holds more than one piece
+        done = 0
+        while done < rng_value_length:
+            self.fw.port.check_deadline()
+            n = min(CHUNK, rng_value_length - done)
+            self.mem.write(rng_value + done, os.urandom(n))
+            done += n

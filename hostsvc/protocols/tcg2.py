@@ -23,6 +23,7 @@ is installed, so call sites need no condition.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import struct
 from typing import Iterable
 
@@ -66,6 +67,13 @@ DEFAULT_BANKS = ("sha1", "sha256", "sha384", "sha512")
 SWTPM_MANUFACTURER_ID = 0x49424D00   # TPM_PT_MANUFACTURER "IBM\0"
 MAX_COMMAND_SIZE = 4096
 MAX_RESPONSE_SIZE = 4096
+#: HashLogExtendEvent hashes plain data from guest memory in pieces of this size, checking the
+#: run's deadline between them
+HASH_CHUNK = 16 << 20
+#: HashLogExtendEvent(PE_COFF_IMAGE) copies the image to hash it: at most this many bytes
+MAX_PE_HASH_SIZE = 512 << 20
+#: an event's data (EFI_TCG2_EVENT.Size) is at most this long (the whole log area is 64 KiB)
+MAX_EVENT_SIZE = LOG_AREA_SIZE
 
 
 class Tcg2:
@@ -112,6 +120,13 @@ class Tcg2:
         log.info("tcg2.installed", banks=",".join(self.banks), log=hex(self.log_addr),
                  final_events=hex(self.final_addr))
         return self.handle
+
+    def _tick(self) -> None:
+        """The run's deadline check between pieces of hashing (none for a firmware without a
+        port, as unit tests build it)."""
+        port = getattr(self.fw, "port", None)
+        if port is not None:
+            port.check_deadline()
 
     @property
     def bitmap(self) -> int:
@@ -196,11 +211,23 @@ class Tcg2:
         for pcr in range(7):
             self.measure(pcr, T.EV_SEPARATOR, T.SEPARATOR_DATA, data=T.SEPARATOR_DATA)
 
+    def image_digests(self, pe_bytes: bytes) -> dict[str, bytes]:
+        """The Authenticode digests of a PE file image in every bank (what :meth:`measure_image`
+        extends), hashed in pieces with the run's deadline checked between them; EFI_LOAD_ERROR
+        for an image whose hash cannot be computed (§7.4 LoadImage: "the image format was
+        corrupt")."""
+        try:
+            return T.authenticode_digests(pe_bytes, self.banks, tick=self._tick)
+        except T.PeHashError as e:
+            raise EfiError(S.LOAD_ERROR, f"PE image hash: {e}") from None
+
     def measure_image(self, image_base: int, image_size: int, pe_bytes: bytes, device_path: bytes = b"",
-                      *, link_time_address: int | None = None, subsystem: int | None = None) -> int:
+                      *, link_time_address: int | None = None, subsystem: int | None = None,
+                      digests: dict[str, bytes] | None = None) -> int:
         """DxeTpm2MeasureBootLib's Tcg2MeasurePeImage: PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION
         (PCR 2 EV_EFI_BOOT_SERVICES_DRIVER / _RUNTIME_SERVICES_DRIVER for drivers), digest = the
-        Authenticode hash of the file image, data = UEFI_IMAGE_LOAD_EVENT."""
+        Authenticode hash of the file image (``digests`` when already computed by
+        :meth:`image_digests`), data = UEFI_IMAGE_LOAD_EVENT."""
         hdr = _pe_header_fields(pe_bytes)
         if subsystem is None:
             subsystem = hdr["subsystem"]
@@ -212,10 +239,8 @@ class Tcg2:
                       }.get(subsystem, (None, None))
         if pcr is None:
             raise EfiError(S.UNSUPPORTED, f"PE subsystem {subsystem} is not measured")
-        try:
-            digests = T.authenticode_digests(pe_bytes, self.banks)
-        except T.PeHashError as e:
-            raise EfiError(S.UNSUPPORTED, f"PE image hash: {e}") from None
+        if digests is None:
+            digests = self.image_digests(pe_bytes)
         event = T.image_load_event(image_base, image_size, link_time_address, device_path)
         return self.measure(pcr, etype, event, digests=digests)
 
@@ -273,6 +298,9 @@ class Tcg2:
                            f"event header size {header_size} version {header_version} (need >= 14, 1)")
         if size < header_size + 4:
             raise EfiError(S.INVALID_PARAMETER, f"event Size {size} < HeaderSize {header_size} + 4")
+        if size > MAX_EVENT_SIZE:
+            raise EfiError(S.INVALID_PARAMETER, f"event Size {size} is larger than the event log "
+                                                f"({MAX_EVENT_SIZE} bytes)")
         if event_type != T.EV_NO_ACTION and data_to_hash == 0:
             raise EfiError(S.INVALID_PARAMETER, "DataToHash is NULL")
         if pcr > T.MAX_PCR_INDEX:
@@ -284,14 +312,34 @@ class Tcg2:
         extend_only = bool(flags & EFI_TCG2_EXTEND_ONLY)
         if event_type == T.EV_NO_ACTION:
             return self.measure(pcr, event_type, event_data, extend_only=extend_only)
-        buf = self.mem.read(data_to_hash, data_to_hash_len)
+        if not self.mem.contains(data_to_hash, data_to_hash_len):
+            raise EfiError(S.INVALID_PARAMETER, f"DataToHash {data_to_hash:#x}+{data_to_hash_len:#x} "
+                                                "is outside guest memory")
         if flags & PE_COFF_IMAGE:
+            if data_to_hash_len > MAX_PE_HASH_SIZE:
+                raise EfiError(S.INVALID_PARAMETER, f"PE/COFF image of {data_to_hash_len:#x} bytes is "
+                                                    f"larger than the {MAX_PE_HASH_SIZE >> 20} MiB vmrun hashes")
+            buf = self.mem.read(data_to_hash, data_to_hash_len)
             try:
-                digests = T.authenticode_digests(buf, self.banks)
+                digests = T.authenticode_digests(buf, self.banks, tick=self._tick)
             except T.PeHashError as e:
                 raise EfiError(S.UNSUPPORTED, f"PE/COFF image: {e}") from None
             return self.measure(pcr, event_type, event_data, digests=digests, extend_only=extend_only)
-        return self.measure(pcr, event_type, event_data, data=buf, extend_only=extend_only)
+        # plain data: hashed straight from guest memory in pieces, no host copy
+        hashes = {b: hashlib.new(b) for b in self.banks}
+        done = 0
+        while done < data_to_hash_len:
+            self._tick()
+            n = min(HASH_CHUNK, data_to_hash_len - done)
+            view = self.mem.view(data_to_hash + done, n)
+            try:
+                for h in hashes.values():
+                    h.update(view)
+            finally:
+                view.release()
+            done += n
+        digests = {b: h.digest() for b, h in hashes.items()}
+        return self.measure(pcr, event_type, event_data, digests=digests, extend_only=extend_only)
 
     @efiapi("SubmitCommand", ("this", PTR), ("input_parameter_block_size", U32),
             ("input_parameter_block", PTR), ("output_parameter_block_size", U32),
@@ -356,6 +404,13 @@ def separators(fw, *, secure_boot_policy: bool = True) -> None:
     else:
         t.measure(7, T.EV_SEPARATOR, T.SEPARATOR_DATA, data=T.SEPARATOR_DATA)
     t.ready_to_boot()
+
+
+def image_digests(fw, pe_bytes: bytes) -> dict[str, bytes] | None:
+    """The Authenticode digests :func:`measure_image` will extend (None without a TPM); raises
+    EfiError(EFI_LOAD_ERROR) for an image that cannot be hashed, before anything is allocated."""
+    t = getattr(fw, "tcg2", None)
+    return None if t is None else t.image_digests(pe_bytes)
 
 
 def measure_image(fw, image_base: int, image_size: int, pe_bytes: bytes, device_path_bytes: bytes = b"",

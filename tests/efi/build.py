@@ -44,6 +44,12 @@ APPS = [
     "stray",
     "images",
     "halt",
+    "hostile_time",     # issue 9: hostile payloads, one per class (tests/e2e/test_hostile.py)
+    "hostile_memory",
+    "hostile_cpu",
+    "hostile_fw",
+    "hostile_quiet",
+    "fuzz_services",    # garbage arguments to every service (tests/e2e/test_fuzz_services.py)
     "chain",        # helper for run_ovmf.py --cmdline, not a test
     "varlist",      # prints every variable; compared with a target's efivarfs, not a test
 ]

@@ -26,16 +26,21 @@ STRUCTS = {
     "kvm_cpuid_entry2": ["function", "index", "flags", "eax", "ebx", "ecx", "edx"],
     "kvm_cpuid2": ["nent"],
     "kvm_dirty_log": ["slot"],
+    "kvm_xsave": ["region"],
+    "kvm_xcr": ["xcr", "value"],
+    "kvm_xcrs": ["nr_xcrs", "flags", "xcrs", "padding"],
     "kvm_run": ["request_interrupt_window", "immediate_exit", "exit_reason", "if_flag", "flags", "cr8",
                 "apic_base", "kvm_valid_regs", "kvm_dirty_regs"],
 }
 IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_VCPU_MMAP_SIZE",
           "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG", "KVM_SET_USER_MEMORY_REGION",
           "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
-          "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2"]
+          "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_SET_CPUID2",
+          "KVM_CHECK_EXTENSION", "KVM_GET_XSAVE", "KVM_GET_XCRS", "KVM_GET_XSAVE2"]
 CONSTANTS = ["KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY",
              "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT",
-             "KVM_MEM_LOG_DIRTY_PAGES", "KVM_API_VERSION"]
+             "KVM_MEM_LOG_DIRTY_PAGES", "KVM_API_VERSION",
+             "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_XSAVE2", "KVM_MAX_XCRS"]
 RUN_UNION = {"io.port": "exit.io.port", "io.data_offset": "exit.io.data_offset",
              "mmio.phys_addr": "exit.mmio.phys_addr", "mmio.len": "exit.mmio.len",
              "mmio.is_write": "exit.mmio.is_write", "internal.suberror": "exit.internal.suberror",

@@ -23,6 +23,33 @@ so the purgatory's final ``ret`` is exactly the return from ExitBootServices; RA
 
 The purgatory and the frozen CR3 must lie below 4 GiB: a 5-level entry passes through 32-bit
 compatibility mode to switch to the frozen 4-level paging (guest/purgatory.S explains why).
+
+Extended (XSAVE) state is not carried, on purpose, and a payload that leaves some in use is
+reported (:func:`extended_state_in_use`, :func:`extended_state_warning`). Measured on this
+project's machines (nested PVM, AMD EPYC host with AVX2 and no AVX-512;
+``tests/kvm/test_cpu_state.py``): the CPUID vmrun presents hides XSAVE, OSXSAVE, AVX, AVX2 and
+AVX-512, and KVM keeps the guest's XCR0 at 1 (x87 only), yet the payload's CPL-3 code runs
+with the host's CR4.OSXSAVE and XCR0 (``xgetbv`` returns 0x207): ``vpxor``/``vmovdqu`` on YMM
+registers execute, ``xsave`` executes, the YMM upper halves survive every exit to the host,
+and ``KVM_GET_XSAVE`` shows them (XSTATE_BV bit 2, the YMM_Hi128 component at offset 576).
+AVX-512 raises #UD because the host lacks it; ``xsetbv`` raises #GP (a payload fault). vmrun
+cannot hide AVX from CPL-3 code on such a host, and it does not carry the state either:
+
+* the frozen CR4 has OSXSAVE clear (the CPUID the payload saw has no XSAVE, and vmrun
+  refuses ``mov`` to CR4 setting it), so after the handoff, on the target, every VEX/EVEX
+  instruction raises #UD whatever state was saved: restoring YMM/ZMM contents would give the
+  payload nothing it could use. Saving it would need CR4.OSXSAVE and an XCR0 the payload was
+  never offered, and XRSTOR in the purgatory — a CPU interface the payload did not see;
+* a payload that checks CPUID (as the Linux EFI stub and systemd-stub do, both built without
+  SIMD code) never executes them.
+
+So at ExitBootServices the runner reads the vCPU's XSAVE area (``Vcpu.get_xsave``): when a
+component other than x87/SSE (and PKRU, which governs nothing with the frozen CR4.PKE clear and
+whose value under PVM is the host's) is in use — its XSTATE_BV bit set and, for the AVX and
+AVX-512 components, non-zero contents — the run records it and logs
+:func:`extended_state_warning`: the handoff carries only x87/SSE state. It is a warning, not a
+fault: upper-half contents a payload left behind after using AVX (it should have run
+``vzeroupper``) matter only to code that would #UD on the target anyway.
 """
 
 from __future__ import annotations
@@ -77,6 +104,43 @@ def fxsave_image(fpu: abi.kvm_fpu) -> bytes:
     for i in range(16):
         img[160 + 16 * i:160 + 16 * i + 16] = bytes(fpu.xmm[i])
     return bytes(img)
+
+
+# XSAVE components (SDM Vol. 1 §13.1) and, for those whose contents are checked, their offset
+# and size in the standard (non-compacted) format KVM_GET_XSAVE returns (CPUID.(0xD, i) on
+# every CPU that has them).
+XSTATE_NAMES = {2: "AVX (YMM upper halves)", 3: "MPX BNDREGS", 4: "MPX BNDCSR", 5: "AVX-512 opmask",
+                6: "AVX-512 ZMM_Hi256", 7: "AVX-512 Hi16_ZMM", 8: "PT", 9: "PKRU", 10: "PASID",
+                11: "CET user", 12: "CET supervisor", 13: "HDC", 14: "UINTR", 15: "LBR", 16: "HWP",
+                17: "AMX TILECFG", 18: "AMX TILEDATA"}
+XSTATE_CONTENTS = {2: (576, 256), 5: (1088, 64), 6: (1152, 512), 7: (1664, 1024)}
+XSTATE_IGNORED = (1 << 0) | (1 << 1) | (1 << 9)   # x87, SSE (carried by FXSAVE), PKRU
+XSAVE_HEADER = 512                                 # XSTATE_BV at +0, XCOMP_BV at +8
+
+
+def extended_state_in_use(xsave: bytes) -> list[str]:
+    """Names of the XSAVE components beyond x87/SSE/PKRU that an XSAVE image (standard format,
+    as ``KVM_GET_XSAVE``/``KVM_GET_XSAVE2`` return it) holds in a non-initial state."""
+    if len(xsave) < XSAVE_HEADER + 64:
+        raise ValueError(f"an XSAVE image is at least {XSAVE_HEADER + 64} bytes, got {len(xsave)}")
+    xstate_bv = int.from_bytes(xsave[XSAVE_HEADER:XSAVE_HEADER + 8], "little")
+    used = []
+    for bit in range(64):
+        if not xstate_bv >> bit & 1 or XSTATE_IGNORED >> bit & 1:
+            continue
+        if bit in XSTATE_CONTENTS:
+            off, size = XSTATE_CONTENTS[bit]
+            if off + size <= len(xsave) and not any(xsave[off:off + size]):
+                continue  # marked in use but all zero: the same as its initial state
+        used.append(XSTATE_NAMES.get(bit, f"XSAVE component {bit}"))
+    return used
+
+
+def extended_state_warning(used: list[str]) -> str:
+    """The message for a payload that left extended state in use at ExitBootServices."""
+    return (f"the payload left {', '.join(used)} state in use at ExitBootServices; the handoff "
+            "carries only x87/SSE state (the CPU it was shown has no XSAVE/AVX, and its frozen "
+            "CR4.OSXSAVE is clear, so such instructions raise #UD after the handoff)")
 
 
 def build_state(base: int, regs: dict[str, int], sregs: dict[str, int], fpu: abi.kvm_fpu,

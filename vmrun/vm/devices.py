@@ -180,8 +180,16 @@ class CmosRtc:
 
 
 class Uart16550:
-    """A 16550 at 0x3f8-0x3ff whose transmitted bytes go to the console log, line by line."""
+    """A 16550 at 0x3f8-0x3ff whose transmitted bytes go to the console log, line by line.
+
+    Host memory stays bounded whatever the payload sends: a line is handed to the sink at
+    :attr:`LINE_MAX` bytes even without a newline, and :attr:`output` (every byte, for tests
+    and summaries) keeps the first :attr:`OUTPUT_MAX` bytes and counts the rest in
+    :attr:`dropped`.
+    """
     name = "uart"
+    LINE_MAX = 4096
+    OUTPUT_MAX = 4 << 20
 
     def __init__(self, sink: Callable[[str], None]) -> None:
         self.sink = sink
@@ -189,6 +197,7 @@ class Uart16550:
         self.regs[3] = 0x03  # LCR: 8N1
         self.line = bytearray()
         self.output = bytearray()
+        self.dropped = 0
 
     def read(self, port: int, size: int) -> int:
         off = port - 0x3F8
@@ -206,11 +215,16 @@ class Uart16550:
         off = port - 0x3F8
         value &= 0xFF
         if off == 0 and not (self.regs[3] & 0x80):
-            self.output.append(value)
+            if len(self.output) < self.OUTPUT_MAX:
+                self.output.append(value)
+            else:
+                self.dropped += 1
             if value == 0x0A:
                 self.flush()
             elif value != 0x0D:
                 self.line.append(value)
+                if len(self.line) >= self.LINE_MAX:
+                    self.flush()
             return
         self.regs[off] = value
 

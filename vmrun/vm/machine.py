@@ -367,6 +367,8 @@ class Machine:
                     rip=regs.rip, address=ex.addr)
             if type(ex) is exits.IoOut and ex.port == L.PORT_EXC:
                 self.stats.exceptions += 1
+                if not self.stats.exceptions & 63:  # a storm of fast exits spends its time here
+                    self.check_deadline()
                 self._exception()
                 continue
             if type(ex) is exits.Interrupted:

@@ -107,6 +107,23 @@ class kvm_fpu(ctypes.Structure):
     ]
 
 
+class kvm_xsave(ctypes.Structure):
+    """The legacy 4 KiB XSAVE area (KVM_GET_XSAVE); KVM_GET_XSAVE2 writes as many bytes as
+    KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says, into a larger buffer of the same layout."""
+    _fields_ = [("region", u32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", kvm_xcr * KVM_MAX_XCRS), ("padding", u64 * 16)]
+
+
 class kvm_msr_entry(ctypes.Structure):
     _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
 
@@ -196,6 +213,7 @@ KVM_API_VERSION_EXPECTED = 12
 # system
 KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2)
 # vm
@@ -213,10 +231,18 @@ KVM_SET_MSRS = _iow(0x89, kvm_msrs)
 KVM_GET_FPU = _ior(0x8C, kvm_fpu)
 KVM_SET_FPU = _iow(0x8D, kvm_fpu)
 KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2)
+KVM_GET_XSAVE = _ior(0xA4, kvm_xsave)
+KVM_GET_XCRS = _ior(0xA6, kvm_xcrs)
+KVM_GET_XSAVE2 = _ior(0xCF, kvm_xsave)
+
+# KVM_CHECK_EXTENSION capabilities
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_XSAVE2 = 208
 
 IOCTL_NAMES = {v: k for k, v in dict(globals()).items()
                if k.startswith("KVM_") and isinstance(v, int) and k.split("_")[1] in
-               ("GET", "SET", "CREATE", "RUN")}
+               ("GET", "SET", "CREATE", "RUN", "CHECK")}
 
 
 def cpuid_buffer(nent: int) -> tuple[ctypes.Array, kvm_cpuid2, ctypes.Array]:

@@ -61,6 +61,10 @@ class Kvm:
             raise KvmError(f"{path} speaks KVM API {version}, expected {abi.KVM_API_VERSION_EXPECTED}")
         self.vcpu_mmap_size = ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when ``cap`` is absent, else its (capability-specific) value."""
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
+
     def supported_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
         nent = 128
         while True:
@@ -130,6 +134,14 @@ class Vcpu:
         self._map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = abi.kvm_run.from_buffer(self._map)
+        self.cpuid: list[abi.kvm_cpuid_entry2] = []  # what set_cpuid gave the guest
+
+    def cpuid_leaf(self, function: int, index: int = 0) -> abi.kvm_cpuid_entry2 | None:
+        """The guest's CPUID leaf as set by :meth:`set_cpuid` (None when absent or not set)."""
+        for e in self.cpuid:
+            if e.function == function and (e.index == index or not e.flags & 1):  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                return e
+        return None
 
     # registers -------------------------------------------------------------------------------
     def get_regs(self) -> abi.kvm_regs:
@@ -161,6 +173,26 @@ class Vcpu:
         for i, e in enumerate(entries):
             arr[i] = e
         ioctl(self.fd, abi.KVM_SET_CPUID2, buf)
+        self.cpuid = [abi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
+
+    def get_xsave(self) -> bytes:
+        """The vCPU's XSAVE area (standard format: legacy region, XSAVE header at 512, extended
+        components at their CPUID.0xD offsets): KVM_GET_XSAVE2 when KVM has it (areas larger
+        than 4 KiB, e.g. AMX), else KVM_GET_XSAVE."""
+        size = self.vm.kvm.check_extension(abi.KVM_CAP_XSAVE2)
+        if size > 0:
+            buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(abi.kvm_xsave)))()
+            ioctl(self.fd, abi.KVM_GET_XSAVE2, ctypes.addressof(buf))
+            return bytes(buf)
+        xs = abi.kvm_xsave()
+        ioctl(self.fd, abi.KVM_GET_XSAVE, xs)
+        return bytes(xs)
+
+    def get_xcrs(self) -> dict[int, int]:
+        """The guest's extended control registers (XCR0 = index 0): KVM_GET_XCRS."""
+        xcrs = abi.kvm_xcrs()
+        ioctl(self.fd, abi.KVM_GET_XCRS, xcrs)
+        return {xcrs.xcrs[i].xcr: xcrs.xcrs[i].value for i in range(min(xcrs.nr_xcrs, abi.KVM_MAX_XCRS))}
 
     def set_msrs(self, values: dict[int, int]) -> None:
         buf, hdr, arr = abi.msrs_buffer(len(values))

@@ -1,0 +1,224 @@
+/*
+ * hostile_cpu: privileged and special instructions with values real hardware refuses (issue 9,
+ * "Payload actions reported as vmrun's own failures", and the int3/single-step/AVX defects).
+ * The first word of LoadOptions picks one; the app prints "about to <what>" first. If the
+ * instruction completes, it prints "survived <what>" and calls ExitBootServices.
+ *
+ *   cr4-bit63     mov %cr4 with bit 63 (reserved) set          real CPU: #GP
+ *   cr0-bit28     mov %cr0 with bit 28 (reserved) set          real CPU: ignored (SDM Vol. 3
+ *                                                              §2.5); prints CR0 read back
+ *   cr0-bit63     mov %cr0 with bit 63 (reserved) set          real CPU: #GP
+ *   cr3-other     mov %cr3 of a zeroed page (no mappings)      real CPU: #PF on the next fetch,
+ *                                                              then a triple fault
+ *   fsbase        wrmsr IA32_FS_BASE 0x8000000000000000 (non-canonical)   real CPU: #GP
+ *   efer          wrmsr IA32_EFER with bit 63 (reserved) set   real CPU: #GP
+ *   int3          int3; prints "int3 at <address>" first
+ *   single-step   pushf/popf with TF set, then two nops; prints their addresses first
+ *   avx           vpxor %ymm0,%ymm0,%ymm0; prints CPUID.1:ECX AVX/OSXSAVE first
+ *   xgetbv        xgetbv (ECX=0); prints CPUID.1:ECX OSXSAVE first
+ */
+#include "lib.h"
+
+#pragma GCC diagnostic ignored "-Wunused-function"   /* not every app uses every helper */
+/* ---- shared by the hostile_*.c apps (each file is self-contained: the build hashes only
+ * <app>.c, lib.c, lib.h and efi.h) --------------------------------------------------------- */
+static EFI_GUID li_guid = EFI_LOADED_IMAGE_PROTOCOL_GUID;
+static EFI_LOADED_IMAGE_PROTOCOL *gLI;
+static char gMode[128];      /* first word of LoadOptions, ASCII */
+static UINT64 gArg;         /* the number after it, if any */
+
+static void read_mode(void)
+{
+    UINTN i = 0, n = 0;
+    const CHAR16 *opt = NULL;
+    gMode[0] = 0;
+    if (gBS->HandleProtocol(gImage, &li_guid, (VOID **)&gLI) != EFI_SUCCESS || !gLI)
+        return;
+    if (gLI->LoadOptions) {
+        opt = gLI->LoadOptions;
+        n = gLI->LoadOptionsSize / 2;
+    }
+    while (i < n && opt[i] == ' ')
+        i++;
+    UINTN k = 0;
+    for (; i < n && opt[i] && opt[i] != ' ' && k < sizeof(gMode) - 1; i++)
+        gMode[k++] = (char)opt[i];
+    gMode[k] = 0;
+    while (i < n && opt[i] == ' ')
+        i++;
+    gArg = 0;
+    for (; i < n && opt[i] >= '0' && opt[i] <= '9'; i++)
+        gArg = gArg * 10 + (UINT64)(opt[i] - '0');
+}
+
+static int mode_is(const char *m)
+{
+    UINTN i = 0;
+    for (; m[i]; i++)
+        if (gMode[i] != m[i])
+            return 0;
+    return gMode[i] == 0;
+}
+
+/* A proper ExitBootServices from efi_main: the run then ends with outcome exit_boot_services,
+ * so "the app finished and printed its statuses" is exit code 0. */
+static EFI_STATUS exit_boot_services(void)
+{
+    UINTN size = 0, key = 0, dsize = 0, bufsize;
+    UINT32 ver = 0;
+    EFI_MEMORY_DESCRIPTOR *map = NULL;
+    EFI_STATUS s = gBS->GetMemoryMap(&size, NULL, &key, &dsize, &ver);
+    bufsize = size + 16 * (dsize ? dsize : 48);
+    if (gBS->AllocatePool(EfiLoaderData, bufsize, (VOID **)&map) != EFI_SUCCESS) {
+        say("FAIL ebs: no pool for the memory map\n");
+        return EFI_OUT_OF_RESOURCES;
+    }
+    say("calling ExitBootServices\n");
+    for (int tries = 0; tries < 2; tries++) {
+        size = bufsize;
+        s = gBS->GetMemoryMap(&size, map, &key, &dsize, &ver);
+        if (s == EFI_SUCCESS)
+            s = gBS->ExitBootServices(gImage, key);
+        if (s == EFI_SUCCESS)
+            for (;;)
+                __asm__ volatile("hlt");
+    }
+    say("FAIL ebs: ExitBootServices gave %r\n", s);
+    return s;
+}
+
+/* The app's own PE file, rebuilt from its loaded image: headers and each section's raw data
+ * at its file offset, ImageBase set to where it is loaded (its data are relocated for that
+ * base), so LoadImage of the buffer relocates it correctly again. */
+static UINT8 *own_file(UINTN *size_out)
+{
+    UINT8 *base = gLI ? (UINT8 *)gLI->ImageBase : NULL;
+    if (!base)
+        return NULL;
+    UINT32 lfanew = *(UINT32 *)(base + 0x3c);
+    UINT8 *pe = base + lfanew;
+    UINT16 nsec = *(UINT16 *)(pe + 6), optsz = *(UINT16 *)(pe + 20);
+    UINT8 *opt = pe + 24, *sec = opt + optsz;
+    UINT32 hdrs = *(UINT32 *)(opt + 60);
+    UINTN fsize = hdrs;
+    for (UINTN i = 0; i < nsec; i++) {
+        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
+        if (raw_size && raw_ptr + raw_size > fsize)
+            fsize = raw_ptr + raw_size;
+    }
+    UINT8 *f = NULL;
+    if (gBS->AllocatePool(EfiLoaderData, fsize, (VOID **)&f) != EFI_SUCCESS)
+        return NULL;
+    memset(f, 0, fsize);
+    memcpy(f, base, hdrs);
+    for (UINTN i = 0; i < nsec; i++) {
+        UINT32 va = *(UINT32 *)(sec + 40 * i + 12);
+        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
+        if (raw_size)
+            memcpy(f + raw_ptr, base + va, raw_size);
+    }
+    *(UINT64 *)(f + lfanew + 24 + 24) = (UINT64)base;   /* OptionalHeader.ImageBase (PE32+) */
+    *size_out = fsize;
+    return f;
+}
+
+static EFI_MEMORY_DESCRIPTOR *memory_map(UINTN *count, UINTN *dsize_out)
+{
+    UINTN size = 0, key = 0, dsize = 0;
+    UINT32 ver = 0;
+    EFI_MEMORY_DESCRIPTOR *map = NULL;
+    gBS->GetMemoryMap(&size, NULL, &key, &dsize, &ver);
+    size += 16 * dsize;
+    if (gBS->AllocatePool(EfiLoaderData, size, (VOID **)&map) != EFI_SUCCESS)
+        return NULL;
+    if (gBS->GetMemoryMap(&size, map, &key, &dsize, &ver) != EFI_SUCCESS)
+        return NULL;
+    *count = size / dsize;
+    *dsize_out = dsize;
+    return map;
+}
+#define DESC(map, dsize, i) ((EFI_MEMORY_DESCRIPTOR *)((UINT8 *)(map) + (i) * (dsize)))
+/* ---- end of the shared part --------------------------------------------------------------- */
+
+extern char int3_at[], ss_popf[], ss_nop1[], ss_nop2[];
+
+static void cpuid1(UINT32 *ecx)
+{
+    UINT32 a = 1, b, c = 0, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    *ecx = c;
+}
+
+static void __attribute__((noinline)) do_int3(void)
+{
+    say("int3 at %x\n", (UINT64)int3_at);
+    __asm__ volatile(".globl int3_at\nint3_at: int3" ::: "memory");
+}
+
+static void __attribute__((noinline)) do_single_step(void)
+{
+    say("single-step popf at %x nop1 at %x nop2 at %x\n", (UINT64)ss_popf, (UINT64)ss_nop1, (UINT64)ss_nop2);
+    __asm__ volatile("pushfq\n\torq $0x100, (%%rsp)\n\t"
+                     ".globl ss_popf\nss_popf: popfq\n\t"
+                     ".globl ss_nop1\nss_nop1: nop\n\t"
+                     ".globl ss_nop2\nss_nop2: nop\n\t"
+                     "pushfq\n\tandq $~0x100, (%%rsp)\n\tpopfq" ::: "memory", "cc");
+}
+
+EFI_STATUS EFIAPI efi_main(EFI_HANDLE image, EFI_SYSTEM_TABLE *st)
+{
+    lib_init(image, st);
+    read_mode();
+    say("hostile_cpu: mode %s\n", gMode);
+    say("about to %s\n", gMode);
+    if (mode_is("cr4-bit63")) {
+        UINT64 v;
+        __asm__ volatile("mov %%cr4, %0" : "=r"(v));
+        v |= 1ULL << 63;
+        __asm__ volatile("mov %0, %%cr4" :: "r"(v) : "memory");
+    } else if (mode_is("cr0-bit28") || mode_is("cr0-bit63")) {
+        UINT64 v;
+        __asm__ volatile("mov %%cr0, %0" : "=r"(v));
+        v |= 1ULL << (mode_is("cr0-bit28") ? 28 : 63);
+        __asm__ volatile("mov %0, %%cr0" :: "r"(v) : "memory");
+        __asm__ volatile("mov %%cr0, %0" : "=r"(v));
+        say("cr0 read back %x\n", v);
+    } else if (mode_is("cr3-other")) {
+        EFI_PHYSICAL_ADDRESS a = 0;
+        if (gBS->AllocatePages(AllocateAnyPages, EfiLoaderData, 1, &a) != EFI_SUCCESS) {
+            say("FAIL cr3-other: AllocatePages\n");
+            return EFI_ABORTED;
+        }
+        memset((void *)a, 0, 4096);
+        say("cr3-other: new cr3 %x\n", (UINT64)a);
+        __asm__ volatile("mov %0, %%cr3" :: "r"(a) : "memory");
+    } else if (mode_is("fsbase")) {
+        __asm__ volatile("wrmsr" :: "c"(0xC0000100), "a"(0), "d"(0x80000000) : "memory");
+    } else if (mode_is("efer")) {
+        UINT32 lo, hi;
+        __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(0xC0000080));
+        say("efer %x\n", ((UINT64)hi << 32) | lo);
+        hi |= 0x80000000u;
+        __asm__ volatile("wrmsr" :: "c"(0xC0000080), "a"(lo), "d"(hi) : "memory");
+    } else if (mode_is("int3")) {
+        do_int3();
+    } else if (mode_is("single-step")) {
+        do_single_step();
+    } else if (mode_is("avx")) {
+        UINT32 ecx;
+        cpuid1(&ecx);
+        say("cpuid avx %u osxsave %u\n", (UINT64)((ecx >> 28) & 1), (UINT64)((ecx >> 27) & 1));
+        __asm__ volatile("vpxor %%ymm0, %%ymm0, %%ymm0" ::: "memory");
+    } else if (mode_is("xgetbv")) {
+        UINT32 ecx, lo, hi;
+        cpuid1(&ecx);
+        say("cpuid avx %u osxsave %u\n", (UINT64)((ecx >> 28) & 1), (UINT64)((ecx >> 27) & 1));
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        say("xcr0 %x\n", ((UINT64)hi << 32) | lo);
+    } else {
+        say("FAIL unknown mode\n");
+        return EFI_INVALID_PARAMETER;
+    }
+    say("survived %s\n", gMode);
+    return exit_boot_services();
+}
