@@ -33,7 +33,7 @@ log = structlog.get_logger("hostsvc.boot_services")
 EFI_NATIVE_INTERFACE = 0
 MAX_VARIADIC_PAIRS = 64
 
-# Bounds on work whose size the payload chooses (issue 9: the time limit holds and the host's
+# Bounds on work whose size the payload chooses (the time limit holds and the host's
 # memory stays bounded whatever the payload asks for). README "Security model" lists them.
 #: SetMem, CopyMem and CalculateCrc32 work through guest memory in chunks of this many bytes and
 #: check the run's deadline between chunks (a chunk takes a few ms on these machines)

@@ -1,10 +1,10 @@
-"""Hostile payloads (issue 9): every class of misbehaviour must end as a payload outcome within
+"""Hostile payloads: every class of misbehaviour must end as a payload outcome within
 the run's limits.
 
 Each case runs one of the tests/efi/hostile_*.c apps through the CLI (`vmrun -q run APP
 --cmdline MODE --timeout T --memory-cap 256M --json`) in its own process and asserts:
 
-- the outcome and exit code the case's docstring gives (what the UEFI spec or the issue wants);
+- the outcome and exit code the case's docstring gives (what the UEFI spec or the CPU says);
 - no internal or host error: exit code not 1/30/31, no "internal error" or traceback on stderr,
   a JSON result whose error kind is a payload outcome;
 - the run's own time (JSON `seconds`) <= --timeout + WALL_SLACK_S, and the whole process's
@@ -40,7 +40,7 @@ MEMORY_CAP = 256 << 20
 #: what the vmrun process may use beyond the cap: the Python interpreter with vmrun, click,
 #: structlog and ctypes loaded (~60-120 MB measured for a small run), the firmware area and page
 #: tables vmrun itself touches, the console/trace/event-log buffers at their bounds, and the
-#: JSON result. 300 MB, as issue 9 allows "a fixed overhead".
+#: JSON result. 300 MB: a fixed overhead.
 RSS_OVERHEAD = 300 << 20
 #: the time limit holds "within about a second": the run's own `seconds` (VM creation to
 #: outcome, in the JSON) may exceed --timeout by at most this
@@ -406,7 +406,7 @@ def _address(r: Run, pattern: str) -> int:
 
 def test_int3_fault_names_the_instruction(apps):
     """int3: a payload fault (#BP) whose RIP is the int3 instruction itself, not the address
-    after the trap (issue 9)."""
+    after the trap."""
     r = run_vmrun(apps / "hostile_cpu.efi", "int3", T)
     assert_limits(r, T)
     assert_outcome(r, "fault")
@@ -428,7 +428,7 @@ def test_single_step_trap(apps):
 
 @pytest.mark.parametrize("mode", ["avx", "xgetbv"])
 def test_avx_and_xgetbv_agree_with_cpuid(apps, mode):
-    """vpxor %ymm0 / xgetbv: the state must be consistent (issue 9). If CPUID.1:ECX says AVX
+    """vpxor %ymm0 / xgetbv: the state must be consistent. If CPUID.1:ECX says AVX
     (for vpxor) / OSXSAVE (for xgetbv) is absent, the instruction is a payload fault (#UD); if
     present, it runs and the app exits boot services (and the XSAVE state is then vmrun's to
     keep in the handoff)."""

@@ -44,7 +44,7 @@ APPS = [
     "stray",
     "images",
     "halt",
-    "hostile_time",     # issue 9: hostile payloads, one per class (tests/e2e/test_hostile.py)
+    "hostile_time",     # hostile payloads, one per class (tests/e2e/test_hostile.py)
     "hostile_memory",
     "hostile_cpu",
     "hostile_fw",

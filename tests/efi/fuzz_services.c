@@ -1,6 +1,6 @@
 /*
  * fuzz_services: every boot service, runtime service and protocol function vmrun implements,
- * called with garbage arguments (issue 9, "Fuzzing, in the tests": seeded, reproducible).
+ * called with garbage arguments (seeded, reproducible).
  *
  * LoadOptions: "[seed=N] [calls=N] [fwptrs=0]" (defaults: seed 1, calls 100000; fwptrs=0 leaves
  * out the pointers into firmware memory, to look past that class of defect). Each round picks one

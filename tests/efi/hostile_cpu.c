@@ -1,6 +1,6 @@
 /*
- * hostile_cpu: privileged and special instructions with values real hardware refuses (issue 9,
- * "Payload actions reported as vmrun's own failures", and the int3/single-step/AVX defects).
+ * hostile_cpu: privileged and special instructions with values real hardware refuses (payload
+ * actions once reported as vmrun's own failures), and int3, single-step and AVX.
  * The first word of LoadOptions picks one; the app prints "about to <what>" first. If the
  * instruction completes, it prints "survived <what>" and calls ExitBootServices.
  *

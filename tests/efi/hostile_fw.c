@@ -1,5 +1,5 @@
 /*
- * hostile_fw: the payload against the firmware's own memory (issue 9, "Firmware memory is
+ * hostile_fw: the payload against the firmware's own memory ("Firmware memory is
  * writable at CPL 3"). The first word of LoadOptions picks one. Each write stores the byte that
  * is already there (so an unprotected run is not wrecked and can report it): if the write
  * completes the app prints "FAIL <what>-writable" and calls ExitBootServices.

@@ -1,5 +1,5 @@
 /*
- * hostile_memory: payloads that make the host's memory grow (issue 9, "The memory cap does not
+ * hostile_memory: payloads that make the host's memory grow ("The memory cap does not
  * bound the host"). The first word of LoadOptions picks the attack; an optional number follows.
  *
  *   touch            write one byte to every 4 KiB page of conventional (never allocated) RAM

@@ -1,5 +1,5 @@
 /*
- * hostile_quiet: the quieter defects of issue 9. The first word of LoadOptions picks one.
+ * hostile_quiet: quieter defects. The first word of LoadOptions picks one.
  *
  *   stack        unbounded recursion (each frame 512 bytes): must end as a fault that names the
  *                stack, without first overwriting firmware memory

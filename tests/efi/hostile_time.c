@@ -1,6 +1,6 @@
 /*
  * hostile_time: payloads that make the host work on their behalf for longer than the run's time
- * limit (issue 9, "The time limit does not hold when the host is busy on the payload's behalf").
+ * limit ("The time limit does not hold when the host is busy on the payload's behalf").
  * The first word of LoadOptions (vmrun --cmdline) picks the attack; every mode that can finish
  * prints what the firmware answered and then calls ExitBootServices properly.
  *

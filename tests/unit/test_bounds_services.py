@@ -1,4 +1,4 @@
-"""Issue 9: payload-chosen work in the host-side services is bounded and checks the run's
+"""Payload-chosen work in the host-side services is bounded and checks the run's
 deadline; payload misbehaviour ends as an EFI status or a payload fault, never as a host error.
 
 The services run against real guest memory (vmrun.vm.memory.GuestMemory, no KVM) and a
