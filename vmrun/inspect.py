@@ -12,7 +12,13 @@ UKI_MARKERS = (".linux",)
 
 
 def inspect_file(path) -> dict:
-    img = PE.load_file(path, allowed_subsystems=tuple(PE.EFI_SUBSYSTEMS))
+    """The anatomy of the PE at ``path``; a file that is not a usable PE raises the parser's
+    VmrunError."""
+    return describe(PE.load_file(path, allowed_subsystems=tuple(PE.EFI_SUBSYSTEMS)), path)
+
+
+def describe(img: PE.PEImage, path) -> dict:
+    """The anatomy of a parsed image (what ``inspect_file`` returns), ``path`` as given."""
     sections = []
     texts = {}
     for s in img.sections:

@@ -1,12 +1,13 @@
 """PE/COFF (PE32+) parsing, validation and loading of EFI applications.
 
-``parse_pe`` reads the headers with ``pefile`` (``fast_load=True``: no directory parsing, so an
-8 MB kernel parses in milliseconds) but does not trust it to validate anything: pefile pads
-truncated headers with zeros, drops section headers it dislikes and only *warns* about data
-outside the file. Every structural property the loader relies on is checked here, with the
-bounds EDK2's PE/COFF loader applies (so images that boot under OVMF are accepted), and each
-failure raises one of the classes from :mod:`vmrun.errors` with a one-line message naming
-what is wrong, where, and why. Base relocations are decoded here too (strictly).
+``parse_pe`` reads the headers itself with ``struct`` and has ``pefile`` (``fast_load=True``:
+headers only) read them a second time: the two must agree. pefile is not trusted to validate
+anything (it pads truncated headers with zeros, drops section headers it dislikes and only
+*warns* about data outside the file), so this module checks every structural property the
+loader and the Authenticode image hash rely on, with the bounds EDK2's PE/COFF loader applies
+(so images that boot under OVMF are accepted). Each failure raises one of the classes from :mod:`vmrun.errors` with a
+one-line message naming what is wrong, where, and why. Base relocations are decoded here too
+(strictly). ``scripts/fuzz-pe`` and ``tests/unit/test_fuzz_pe.py`` fuzz all of this.
 
 No other exception type escapes ``parse_pe``/``load_file``/``PEImage.load``.
 """
@@ -88,6 +89,10 @@ _REL_NAMES = {1: "HIGH", 2: "LOW", 4: "HIGHADJ", 5: "ARM_MOV32/RISCV_HI20", 7: "
               8: "RISCV_LOW12S/LOONGARCH", 9: "MIPS_JMPADDR16"}
 
 MAX_IMAGE_SIZE = 1 << 30
+#: base relocations one image may have: each costs the host ~100 bytes as a Python tuple, so a
+#: hostile multi-MB .reloc must not become gigabytes (systemd-stub has ~60, GRUB and shim a few
+#: thousand)
+MAX_RELOCATIONS = 1 << 20
 
 _DOS_HEADER_SIZE = 64
 _COFF_SIZE = 20
@@ -237,6 +242,15 @@ def _subsystem_desc(s: int) -> str:
     return f"{s} ({n})" if n else str(s)
 
 
+def _printable(raw: bytes) -> str:
+    """A section name for messages and lookups: latin-1, other bytes than printable ASCII as
+    \\xNN (real names are ASCII: ".text", ".linux"; a hostile one must not break a message)."""
+    text = raw.decode("latin-1")
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{ord(c):02x}" for c in text)
+
+
 def _rel_name(t: int) -> str:
     n = _REL_NAMES.get(t)
     return f"{t} ({n})" if n else str(t)
@@ -329,22 +343,24 @@ class _Parser:
             raise self.bad(f"section table at {sect_off:#x} ({nsections} sections) is "
                            f"truncated by the end of the file ({n:#x} bytes)")
 
-        # the structure is sound enough for pefile now
+        # the optional header's fields (PE32+ layout, PE/COFF spec §3.4)
+        (entry,) = struct.unpack_from("<I", data, opt + 16)
+        (image_base, salign, falign) = struct.unpack_from("<QII", data, opt + 24)
+        (size_of_image, size_of_headers) = struct.unpack_from("<II", data, opt + 56)
+        (dll_characteristics,) = struct.unpack_from("<H", data, opt + 70)
+        # a second reading: pefile (fast_load: headers only) must see the same image
         pe = self._pefile()
-        fh, oh = pe.FILE_HEADER, pe.OPTIONAL_HEADER
         if len(pe.sections) != nsections:
             warn = pe.get_warnings()
             raise self.bad(f"section header {len(pe.sections)} (at "
                            f"{sect_off + len(pe.sections) * _SECTION_HEADER_SIZE:#x}) is invalid"
                            + (f": {warn[-1]}" if warn else ""))
-        if (fh.Machine, oh.Magic, oh.Subsystem) != (machine, magic, subsystem):
-            raise self.bad("pefile disagrees with the raw headers")  # cannot happen
-
-        image_base = oh.ImageBase
-        size_of_image = oh.SizeOfImage
-        size_of_headers = oh.SizeOfHeaders
-        salign, falign = oh.SectionAlignment, oh.FileAlignment
-        entry = oh.AddressOfEntryPoint
+        fh, oh = pe.FILE_HEADER, pe.OPTIONAL_HEADER
+        if ((fh.Machine, oh.Magic, oh.Subsystem, oh.AddressOfEntryPoint, oh.ImageBase, oh.SizeOfImage)
+                != (machine, magic, subsystem, entry, image_base, size_of_image)):
+            raise self.bad("pefile reads other header values than the raw headers hold")
+        dirs = list(struct.iter_unpack("<II", data[opt + _OPT_FIXED_SIZE:
+                                                   opt + _OPT_FIXED_SIZE + 8 * ndirs]))
 
         # image geometry
         if size_of_image == 0:
@@ -373,10 +389,16 @@ class _Parser:
 
         # sections
         sections = []
-        for i, sh in enumerate(pe.sections):
-            sname = sh.Name.rstrip(b"\0").decode("latin-1") or f"#{i}"
-            s = Section(sname, sh.VirtualAddress, sh.Misc_VirtualSize, sh.PointerToRawData,
-                        sh.SizeOfRawData, sh.Characteristics, data)
+        for i in range(nsections):
+            at = sect_off + i * _SECTION_HEADER_SIZE
+            raw_name, vsize, rva, raw_size, raw_offset = struct.unpack_from("<8sIIII", data, at)
+            (characteristics,) = struct.unpack_from("<I", data, at + 36)
+            if not any(data[at:at + _SECTION_HEADER_SIZE]):
+                raise self.bad(f"section header {i} (at {at:#x}) is invalid: all "
+                               f"{_SECTION_HEADER_SIZE} bytes are zero, but NumberOfSections "
+                               f"is {nsections}")
+            sname = _printable(raw_name.rstrip(b"\0")) or f"#{i}"
+            s = Section(sname, rva, vsize, raw_offset, raw_size, characteristics, data)
             where = f"section {s.name} (header {i})"
             if s.raw_size:
                 if s.raw_offset + s.raw_size > n:
@@ -406,15 +428,16 @@ class _Parser:
             raise self.bad(f"entry point rva {entry:#x} is not inside any section")
 
         # data directories
-        dirs = [(d.VirtualAddress, d.Size) for d in oh.DATA_DIRECTORY[:ndirs]]
-        signed = False
-        if ndirs > DIR_SECURITY:
-            cert_off, cert_size = dirs[DIR_SECURITY]
-            if cert_off and cert_size:
-                if cert_off + cert_size > n:
-                    raise self.bad(f"certificate table {cert_off:#x}..{cert_off + cert_size:#x} "
-                                   f"extends beyond the end of the file ({n:#x} bytes)")
-                signed = True
+        cert_off, cert_size = dirs[DIR_SECURITY] if ndirs > DIR_SECURITY else (0, 0)
+        if cert_size:
+            if not cert_off:
+                raise self.bad(f"certificate table (data directory {DIR_SECURITY}) has size "
+                               f"{cert_size:#x} but file offset 0")
+            if cert_off + cert_size > n:
+                raise self.bad(f"certificate table {cert_off:#x}..{cert_off + cert_size:#x} "
+                               f"extends beyond the end of the file ({n:#x} bytes)")
+        signed = bool(cert_off and cert_size)
+        self._check_image_hash(sections, size_of_headers, cert_off, cert_size)
         relocations: tuple[tuple[int, int], ...] = ()
         if ndirs > DIR_BASERELOC and dirs[DIR_BASERELOC][1]:
             relocations = self._relocations(*dirs[DIR_BASERELOC], sections, size_of_headers,
@@ -424,7 +447,7 @@ class _Parser:
             name=self.name, data=data, machine=machine, subsystem=subsystem,
             image_base=image_base, size_of_image=size_of_image, size_of_headers=size_of_headers,
             section_alignment=salign, file_alignment=falign, entry_rva=entry,
-            dll_characteristics=oh.DllCharacteristics, sections=tuple(sections),
+            dll_characteristics=dll_characteristics, sections=tuple(sections),
             relocations=relocations, signed=signed)
 
     def _pefile(self):
@@ -435,16 +458,49 @@ class _Parser:
         except Exception as e:  # PEFormatError or anything pefile trips over
             raise self.bad(f"pefile cannot parse the headers: {e}") from e
 
-    def _rva_bytes(self, rva: int, size: int, sections, size_of_headers: int) -> bytes | None:
-        """``size`` bytes at ``rva`` as they will be in memory, if inside one region."""
+    def _check_image_hash(self, sections, size_of_headers: int, cert_off: int,
+                          cert_size: int) -> None:
+        """The Authenticode image hash (PE/COFF spec, "Calculating the PE Image Hash"; EDK2's
+        MeasurePeImageAndExtend, hostsvc.tpm.authenticode_digests) covers the headers, each
+        section's raw data, and the bytes after them up to FileSize - CertificateTable.Size.
+        It cannot be computed when that tail is shorter than the certificate table: reject such
+        an image here, naming the cause, rather than fail when firmware measures it."""
+        n = len(self.data)
+        raw = sorted((s for s in sections if s.raw_size), key=lambda s: s.raw_offset)
+        hashed = size_of_headers + sum(s.raw_size for s in raw)
+        if not hashed < n < hashed + cert_size:
+            return
+        for a, b in zip(raw, raw[1:]):
+            if a.raw_offset + a.raw_size > b.raw_offset:
+                raise self.bad(
+                    f"section {a.name} raw data {a.raw_offset:#x}..{a.raw_offset + a.raw_size:#x}"
+                    f" overlaps section {b.name} raw data at {b.raw_offset:#x}: the "
+                    f"Authenticode image hash would count those bytes twice and leave less than "
+                    f"the certificate table's {cert_size:#x} bytes unhashed")
+        cert_end = cert_off + cert_size
+        for s in raw:
+            if s.raw_offset < cert_end and cert_off < s.raw_offset + s.raw_size:
+                raise self.bad(
+                    f"certificate table {cert_off:#x}..{cert_end:#x} overlaps section "
+                    f"{s.name} raw data {s.raw_offset:#x}..{s.raw_offset + s.raw_size:#x}")
+        raise self.bad(f"certificate table size {cert_size:#x} is larger than the {n - hashed:#x}"
+                       f" bytes of the file after the headers and section raw data: the "
+                       f"Authenticode image hash cannot be computed")
+
+    def _rva_file_bytes(self, rva: int, size: int, sections, size_of_headers: int) -> bytes | None:
+        """The file-backed part of the ``size`` bytes at ``rva`` in memory (if inside one
+        region): they are followed by ``size - len(result)`` bytes of zero fill, which are not
+        materialized (a header may claim a 1 GiB directory in a section without raw data)."""
         if rva + size <= size_of_headers:
             return self.data[rva:rva + size]
         for s in sections:
             if s.rva <= rva and rva + size <= s.rva + s.memory_size:
-                raw = s.data()
+                # the section's file bytes, trimmed as Section.data does
+                raw_len = min(s.raw_size, s.virtual_size) if s.virtual_size else s.raw_size
                 off = rva - s.rva
-                chunk = raw[off:off + size]
-                return chunk + bytes(size - len(chunk))
+                lo = s.raw_offset + min(off, raw_len)
+                hi = s.raw_offset + min(off + size, raw_len)
+                return self.data[lo:hi]
         return None
 
     def _relocations(self, rva: int, size: int, sections, size_of_headers: int,
@@ -452,14 +508,18 @@ class _Parser:
         if rva + size > size_of_image:
             raise self.bad(f"base relocation directory rva {rva:#x} size {size:#x} extends "
                            f"beyond SizeOfImage {size_of_image:#x}")
-        blob = self._rva_bytes(rva, size, sections, size_of_headers)
+        blob = self._rva_file_bytes(rva, size, sections, size_of_headers)
         if blob is None:
             raise self.bad(f"base relocation directory rva {rva:#x} size {size:#x} is not "
                            f"inside a section")
+        avail = len(blob)          # the directory's bytes from avail on are zero fill
+        blob += bytes(8)           # so that a block header straddling avail reads its zeros
         out: list[tuple[int, int]] = []
         pos = 0
         while pos < size:
             at = rva + pos
+            if pos >= avail:
+                break  # zero fill: padding or a null terminator block
             if size - pos < 8:
                 if not any(blob[pos:]):
                     break  # zero padding after the last block
@@ -475,7 +535,9 @@ class _Parser:
                 raise self.bad(f"base relocation block at rva {at:#x} (size {block_size:#x}) "
                                f"extends past the relocation directory (ends at rva "
                                f"{rva + size:#x})")
-            for (entry,) in struct.iter_unpack("<H", blob[pos + 8:pos + block_size]):
+            # entries in the zero fill are ABSOLUTE (type 0): only the file-backed ones count
+            end = min(pos + block_size, avail)
+            for (entry,) in struct.iter_unpack("<H", blob[pos + 8:end + (end - pos) % 2]):
                 typ, off = entry >> 12, entry & 0xFFF
                 if typ == REL_ABSOLUTE:
                     continue
@@ -488,5 +550,9 @@ class _Parser:
                     raise self.bad(f"base relocation for rva {target:#x} (block at rva {at:#x}) "
                                    f"is past the end of the image ({size_of_image:#x})")
                 out.append((target, typ))
+            if len(out) > MAX_RELOCATIONS:
+                raise self.bad(f"base relocation directory rva {rva:#x} size {size:#x} holds "
+                               f"more than {MAX_RELOCATIONS} relocations (vmrun's limit; the "
+                               f"block at rva {at:#x} passes it)")
             pos += block_size
         return tuple(out)
