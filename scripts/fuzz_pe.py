@@ -1,7 +1,7 @@
 """Mutation fuzzing of PE parsing and loading: the code of ``scripts/fuzz-pe`` and of
 ``tests/unit/test_fuzz_pe.py``.
 
-The contract under test (issue 9): for ANY input bytes, vmrun's PE parser
+The contract under test: for ANY input bytes, vmrun's PE parser
 (:func:`vmrun.formats.pe.parse_pe`), the loader's pure part (:meth:`PEImage.load`), ``vmrun
 inspect`` (:func:`vmrun.inspect.describe`), the bzImage setup-header reader and the Authenticode
 image hash (:func:`hostsvc.tpm.authenticode_digests`) either succeed or fail with vmrun's own
@@ -13,7 +13,7 @@ one input and raises :class:`Unexpected` when the contract is broken:
   (IndexError: …)" is a parser bug with a vague message, not a diagnosis), or a message that
   does not start with the file's name;
 - the hash raises anything but its own PeHashError, or refuses an image the parser accepted
-  (LoadImage would then fail after the image was placed: issue 9's "internal error");
+  (LoadImage would then fail after the image was placed);
 - for an accepted image: inspect, the bzImage reader or ``load`` raise anything, or ``load``
   returns a memory image of another size than ``load_size``;
 - one input takes longer than :data:`SLOW_SECONDS`.

@@ -1,4 +1,4 @@
-"""Fuzzing PE parsing and loading (issue 9), bounded for CI.
+"""Fuzzing PE parsing and loading, bounded for CI.
 
 The contract (scripts/fuzz_pe.py, :func:`exercise`): for any bytes, vmrun.formats.pe.parse_pe,
 PEImage.load, vmrun.inspect.describe, the bzImage reader and the Authenticode hash either succeed
