@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from vmrun import logs
+from vmrun import kexec_cli, logs
 from vmrun.errors import (OUTCOME_EXIT_CODES, BadOptionError, InputFileError, MalformedImageError,
                           VmrunError)
 from vmrun.vm import layout as L
@@ -353,6 +353,35 @@ def exec_():
     """Reboot into the loaded handoff now (like kexec -e)."""
     from vmrun import kexec
     kexec.execute()
+
+
+cli.add_command(kexec_cli.kexec)  # `vmrun kexec`: the kexec-tools options (vmrun/kexec_cli.py)
+
+
+@cli.command()
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="Listen here when not socket-activated (default /run/vmrun/io.vmrun.Manager).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+              help="Configuration file (default /etc/vmrun/vmrun.conf; missing: defaults).")
+@click.option("--exit-idle", type=float, default=None, metavar="S",
+              help="Exit after S seconds without clients or work (for socket activation).")
+def daemon(socket_path, config_path, exit_idle):
+    """Serve the Varlink interface io.vmrun.Manager (README: Running as a service)."""
+    from vmrun.service.config import load_config
+    from vmrun.service.daemon import run_daemon
+    ctx = click.get_current_context().find_root()
+    json_logs = True if ctx.params.get("json_logs") else None
+    run_daemon(load_config(config_path), socket_path, exit_idle=exit_idle, json_logs=json_logs,
+               verbose=ctx.params.get("verbose", 0))
+
+
+@cli.command(name="kdump-arm")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+              help="kdump configuration (default /etc/vmrun/kdump.conf).")
+def kdump_arm(config_path):
+    """Arm the crash kernel configured in /etc/vmrun/kdump.conf (vmrun-kdump.service)."""
+    from vmrun.service.kdumpconf import arm
+    sys.exit(arm(config_path))
 
 
 def _print_summary(result, trace: bool) -> None:
