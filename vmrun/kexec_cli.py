@@ -500,7 +500,8 @@ def _load(r: Request, svc, debug: bool) -> None:
             raise KexecUsageError(f"--timeout {r.timeout!r}: expected seconds") from None
         params = {("staged" if p.staged else "payload"): str(p.path.resolve()), "crash": r.crash,
                   "initrd": str(initrd.resolve()) if initrd else None,
-                  "esp": str(p.esp.resolve()) if p.esp else None, "cmdline": p.cmdline,
+                  "esp": str(p.esp.resolve()) if p.esp else None,
+                  "esp_partuuid": p.partuuid if p.esp else None, "cmdline": p.cmdline,
                   "kdump_append": r.kdump_append, "timeout": timeout,
                   "memory_cap": parse_size(r.memory_cap) if r.memory_cap is not None else None}
         fds = None

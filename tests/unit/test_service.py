@@ -406,6 +406,13 @@ def test_worker_builds_the_cli_command_lines(tmp_path):
     assert build_argv(req, Files(req))[0][:4] == ["-q", "--json-logs", "run", str(pay)]
     assert build_argv({"command": "unload", "crash": True}, None)[0] == ["-q", "unload", "--crash"]
     assert build_argv({"command": "exec"}, None)[0] == ["-q", "exec"]
+    esp = tmp_path / "esp"
+    esp.mkdir()
+    req = {"command": "run", "payload": str(pay), "timeout": 5.0, "memory_cap": 1 << 20, "esp": str(esp),
+           "esp_partuuid": "0fc63daf-8483-4772-8e79-3d69d8477de4"}
+    argv = build_argv(req, Files(req))[0]
+    assert argv[argv.index("--esp") + 1] == str(esp)
+    assert argv[argv.index("--esp-partuuid") + 1] == "0fc63daf-8483-4772-8e79-3d69d8477de4"
 
 
 def test_kdump_conf(tmp_path):

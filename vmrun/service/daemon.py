@@ -205,7 +205,8 @@ class Service:
                                                  f"max_payload_size ({cfg.max_payload_size} bytes)")
         if p.get("esp_fd") is not None and not stat.S_ISDIR(os.fstat(p["esp_fd"].fileno()).st_mode):
             raise _error(I.BadInput, 15, "esp_fd: not a folder")
-        for key in ("payload", "staged", "initrd", "esp", "cmdline", "kdump_append", "host_vars", "crash"):
+        for key in ("payload", "staged", "initrd", "esp", "esp_partuuid", "cmdline", "kdump_append",
+                    "host_vars", "crash"):
             if p.get(key) is not None:
                 req[key] = p[key]
         for key in ("payload_fd", "initrd_fd", "esp_fd"):

@@ -111,6 +111,7 @@ class Manager(VarlinkInterface, name=NAME):
     async def Run(self, *, payload: str, payload_fd: FileDescriptor | None = None,
                   initrd: str | None = None, initrd_fd: FileDescriptor | None = None,
                   esp: str | None = None, esp_fd: FileDescriptor | None = None,
+                  esp_partuuid: str | None = None,
                   cmdline: str | None = None, timeout: float | None = None,
                   memory_cap: int | None = None, host_vars: bool | None = None) -> typing.Any:
         """Run the payload to ExitBootServices (like vmrun run --json) and return that object.
@@ -118,13 +119,15 @@ class Manager(VarlinkInterface, name=NAME):
         result.error say what the payload did."""
         return await self._service.call(self._conn, "Run", dict(
             payload=payload, payload_fd=payload_fd, initrd=initrd, initrd_fd=initrd_fd, esp=esp,
-            esp_fd=esp_fd, cmdline=cmdline, timeout=timeout, memory_cap=memory_cap, host_vars=host_vars))
+            esp_fd=esp_fd, esp_partuuid=esp_partuuid, cmdline=cmdline, timeout=timeout,
+            memory_cap=memory_cap, host_vars=host_vars))
 
     @varlinkmethod(allow_foreign=True)
     async def Load(self, *, payload: str | None = None, payload_fd: FileDescriptor | None = None,
                    staged: str | None = None, crash: bool | None = None,
                    initrd: str | None = None, initrd_fd: FileDescriptor | None = None,
                    esp: str | None = None, esp_fd: FileDescriptor | None = None,
+                   esp_partuuid: str | None = None,
                    cmdline: str | None = None, kdump_append: str | None = None,
                    timeout: float | None = None, memory_cap: int | None = None,
                    host_vars: bool | None = None) -> _LoadResult:
@@ -134,7 +137,8 @@ class Manager(VarlinkInterface, name=NAME):
         ("normal" or "crash") and what Status shows for it. Root only."""
         return await self._service.call(self._conn, "Load", dict(
             payload=payload, payload_fd=payload_fd, staged=staged, crash=crash, initrd=initrd,
-            initrd_fd=initrd_fd, esp=esp, esp_fd=esp_fd, cmdline=cmdline, kdump_append=kdump_append,
+            initrd_fd=initrd_fd, esp=esp, esp_fd=esp_fd, esp_partuuid=esp_partuuid, cmdline=cmdline,
+            kdump_append=kdump_append,
             timeout=timeout, memory_cap=memory_cap, host_vars=host_vars))
 
     @varlinkmethod

@@ -189,6 +189,8 @@ def build_argv(req: dict, files: Files) -> tuple[list[str], bool]:
     esp = files.get("esp", directory=True)
     if esp is not None:
         explicit += ["--esp", esp]
+        if req.get("esp_partuuid") is not None:
+            explicit += ["--esp-partuuid", req["esp_partuuid"]]
     if req.get("host_vars"):
         explicit += ["--host-vars"]
     if cmd == "load" and req.get("kdump_append") is not None:
