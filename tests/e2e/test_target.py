@@ -5,6 +5,10 @@ Every vmrun command here runs inside that guest with no cross-staging option (no
 --acpi-rsdp, --smbios): what it stages is for the machine it runs on. Each test boots the
 target with 5-level paging (``-cpu max``) or 4-level paging (``-cpu max,la57=off``); kexec
 then enters vmrun's purgatory in that mode.
+
+The last tests boot the target with systemd as PID 1 (tests/e2e/systemd_target.py): vmrun's
+units installed by scripts/install-units, `vmrun kexec -l` through the socket-activated
+service then `systemctl kexec`, and vmrun-kdump.service arming a crash UKI at boot.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import uuid
 import pytest
 
 from tests.e2e import qemu as Q
+from tests.e2e import systemd_target as S
 from tests.e2e import target as T
 from tests.e2e.efiapps import build_apps
 from tests.e2e.uki import build_uki
@@ -254,3 +259,75 @@ def test_kdump_errors_on_the_target(bookworm_kernel, kdump_initrd):
     out, rc = T.step_output(r.serial, "small")
     assert rc == 52 and "crash kernel reservation" in out and "MiB" in out and "Traceback" not in out, str(r)
     assert not _status(r, "status")["crash"]["loaded"], str(r)
+
+
+# --------------------------------------------------------------------------
+# systemd as PID 1: vmrun's units (tests/e2e/systemd_target.py)
+# --------------------------------------------------------------------------
+
+ESP = "/boot/efi"
+
+
+@pytest.mark.timeout(400)
+def test_systemd_kexec_through_the_socket_activated_service(bookworm_kernel, payload_cache, test_initrd,
+                                                            tmp_path):
+    """systemd 252 as PID 1, vmrun's units installed by scripts/install-units and vmrun.socket
+    enabled: `vmrun kexec -l UKI` is served by vmrun.service, which the socket starts on
+    demand; `systemctl kexec` shuts the system down in order and boots the UKI, whose
+    initramfs prints its marker and the UKI's .cmdline."""
+    cmdline = "console=ttyS0,115200 panic=-1 vmrun.target=systemd-kexec"
+    uki = build_uki(payload_cache / "stubs" / "257" / "linuxx64.efi.stub", tmp_path / "uki.efi",
+                    linux=bookworm_kernel, initrd=test_initrd, cmdline=cmdline)
+    guest_uki = f"{ESP}/EFI/Linux/uki.efi"
+    r = S.systemd_boot(bookworm_kernel, [
+        T.Step("idle", "systemctl is-active vmrun.socket && ! systemctl is-active vmrun.service"),
+        T.Step("load", f"{S.VMRUN_BIN} kexec -l {guest_uki} --esp={ESP}"),
+        T.Step("service", "systemctl is-active vmrun.service && journalctl -u vmrun.service -o cat --no-pager"),
+        T.Step("status", f"{S.VMRUN_BIN} -q status --json"),
+        T.Step("kexec", "systemctl kexec && sleep 600"),
+    ], root_files={guest_uki: uki})
+    assert not r.failed and not r.timed_out, str(r)
+    assert "VMRUN-SYSTEMD-PID1 systemd" in r.serial, str(r)
+    idle, _ = T.step_output(r.serial, "idle")
+    assert idle.split()[:2] == ["active", "inactive"], idle   # socket listening, service not started yet
+    load, _ = T.step_output(r.serial, "load")
+    assert "loaded:   uki.efi into the normal slot by the vmrun service" in load, str(r)
+    service, _ = T.step_output(r.serial, "service")
+    assert "daemon.start" in service and "socket-activated" in service, service
+    assert re.search(r'"method": "Load".*"payload": "' + guest_uki, service), service  # who asked for what
+    st = _status(r, "status")
+    rec = st["normal"]["record"]
+    assert st["normal"]["loaded"] and st["normal"]["by_vmrun"] and rec["source"]["path"] == guest_uki, st
+    after = r.serial.split("VMRUN-STEP-BEGIN kexec", 1)[1]
+    # systemd's orderly way: its kexec service, then systemd-shutdown's reboot(LINUX_REBOOT_CMD_KEXEC)
+    assert "Starting systemd-kexec.service" in after and "Rebooting with kexec" in after, str(r)
+    assert after.index("Stopping vmrun.service") < after.index("kexec_core: Starting new kernel"), str(r)
+    assert re.search(r"efi: EFI v[0-9.]+ by vmrun", after), str(r)
+    assert "VMRUN-INITRD-OK" in after, str(r)
+    assert cmdline in after.split("VMRUN-INITRD-OK", 1)[1], str(r)   # the UKI's .cmdline
+
+
+@pytest.mark.timeout(400)
+def test_systemd_kdump_service_arms_the_crash_uki_at_boot(bookworm_kernel, payload_cache, kdump_initrd,
+                                                          tmp_path):
+    """systemd as PID 1 on a target booted with crashkernel=256M, /etc/vmrun/kdump.conf naming a
+    UKI and vmrun-kdump.service enabled: the service arms it during boot, `systemctl status`
+    shows what is armed, and a sysrq crash boots the UKI's kernel in the reservation with the
+    crashed kernel's /proc/vmcore."""
+    cmdline = "console=ttyS0,115200 panic=-1 vmrun.kdump=systemd"
+    uki = build_uki(payload_cache / "stubs" / "257" / "linuxx64.efi.stub", tmp_path / "kdump.efi",
+                    linux=bookworm_kernel, initrd=kdump_initrd, cmdline=cmdline)
+    guest_uki = f"{ESP}/EFI/Linux/kdump.efi"
+    conf = f'payload = "{guest_uki}"\nesp = "{ESP}"\n'
+    r = S.systemd_boot(bookworm_kernel, [
+        T.Step("uname", "uname -r"),
+        T.Step("unit", "systemctl status vmrun-kdump.service --no-pager --full"),
+        T.Step("status", f"{S.VMRUN_BIN} -q status --json"),
+        T.Step("crash", "echo c > /proc/sysrq-trigger"),
+    ], root_files={guest_uki: uki, "/etc/vmrun/kdump.conf": conf.encode()},
+        enable=("vmrun.socket", "vmrun-kdump.service"), append=CRASHKERNEL, until=KDUMP_DONE)
+    _check_kdump(r, cmdline)
+    unit, _ = T.step_output(r.serial, "unit")
+    assert "vmrun-kdump.service; enabled" in unit and "active (exited)" in unit, unit
+    assert f"armed: {guest_uki} (sha256 " in unit and "as the crash kernel" in unit, unit
+    assert r.serial.index("Finished vmrun-kdump.service") < r.serial.index(T.READY), str(r)  # at boot
