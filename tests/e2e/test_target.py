@@ -13,6 +13,7 @@ service then `systemctl kexec`, and vmrun-kdump.service arming a crash UKI at bo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -282,7 +283,7 @@ def test_systemd_kexec_through_the_socket_activated_service(bookworm_kernel, pay
     r = S.systemd_boot(bookworm_kernel, [
         T.Step("idle", "systemctl is-active vmrun.socket && ! systemctl is-active vmrun.service"),
         T.Step("load", f"{S.VMRUN_BIN} kexec -l {guest_uki} --esp={ESP}"),
-        T.Step("service", "systemctl is-active vmrun.service && journalctl -u vmrun.service -o cat --no-pager"),
+        T.Step("service", "systemctl is-active vmrun.service && journalctl -u vmrun.service -o json --no-pager"),
         T.Step("status", f"{S.VMRUN_BIN} -q status --json"),
         T.Step("kexec", "systemctl kexec && sleep 600"),
     ], root_files={guest_uki: uki})
@@ -293,8 +294,16 @@ def test_systemd_kexec_through_the_socket_activated_service(bookworm_kernel, pay
     load, _ = T.step_output(r.serial, "load")
     assert "loaded:   uki.efi into the normal slot by the vmrun service" in load, str(r)
     service, _ = T.step_output(r.serial, "service")
-    assert "daemon.start" in service and "socket-activated" in service, service
-    assert re.search(r'"method": "Load".*"payload": "' + guest_uki, service), service  # who asked for what
+    journal = [json.loads(line) for line in service.splitlines() if line.startswith("{")]
+    vmrun_records = [e for e in journal if e.get("SYSLOG_IDENTIFIER") == "vmrun"]
+    # structured journal fields (systemd-python): who asked for what, and what came of it
+    assert any(e["MESSAGE"].startswith("daemon.start") and e.get("VMRUN_SOCKET") == "socket-activated"
+               for e in vmrun_records), service
+    assert any(e["MESSAGE"].startswith("request ") and e.get("VMRUN_METHOD") == "Load"
+               and e.get("VMRUN_PAYLOAD") == guest_uki and e.get("VMRUN_CALLER_UID") == "0" for e in vmrun_records), service
+    sha = hashlib.sha256(uki.read_bytes()).hexdigest()
+    assert any(e["MESSAGE"].startswith("reply ") and e.get("VMRUN_METHOD") == "Load" and e.get("VMRUN_SHA256") == sha
+               and e.get("VMRUN_EXIT_CODE") == "0" for e in vmrun_records), service
     st = _status(r, "status")
     rec = st["normal"]["record"]
     assert st["normal"]["loaded"] and st["normal"]["by_vmrun"] and rec["source"]["path"] == guest_uki, st
