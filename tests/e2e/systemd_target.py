@@ -132,8 +132,8 @@ def systemd_init(modules: list[str], *, enable: list[str], mask=MASK) -> str:
     links = " && ".join(f"ln -s usr/{d} {r}/{d}" for d in ("bin", "sbin", "lib", "lib64"))
     setup("root", f"mkdir -p {r} && mount -t tmpfs -o mode=0755 tmpfs {r} && {binds} && {links} && "
                   f"mkdir -p {r}/dev {r}/proc {r}/sys {r}/run {r}/boot {r}/mnt {r}/media {r}/srv "
-                  f"{r}/var/lib {r}/var/log {r}/var/cache {r}/var/spool {r}/var/tmp && "
-                  f"chmod 1777 {r}/var/tmp && mkdir -m 1777 {r}/tmp && ln -s /run {r}/var/run && "
+                  f"{r}/var/lib {r}/var/log {r}/var/cache {r}/var/spool {r}/var/tmp "
+                  f"{r}/tmp && chmod 1777 {r}/var/tmp {r}/tmp && ln -s /run {r}/var/run && "
                   f"ln -s /run/lock {r}/var/lock && cp -a {Q.GUEST_HOSTROOT}/etc {r}/etc")
     setup("files", f"find /rootfs -type f | xargs chmod 0644 && cp -a /rootfs/. {r}/")
     setup("mounts", f"mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs {r}/run && mount --move /dev {r}/dev && "
@@ -170,6 +170,13 @@ def systemd_boot(kernel: Path, steps: list[T.Step], *, root_files: dict[str, Pat
     }
     for where, content in (root_files or {}).items():
         files["rootfs/" + where.lstrip("/")] = content
+    # a checkout (and so the vmrun executable the units name) under /tmp is hidden by the units'
+    # PrivateTmp=yes: bind it into their private /tmp, as an admin would for such a path
+    hidden = [t for t in RO_TREES if Path(t).is_relative_to("/tmp") or Path(t).is_relative_to("/var/tmp")]
+    if hidden:
+        dropin = "[Service]\n" + "".join(f"BindReadOnlyPaths={t}\n" for t in hidden)
+        for unit in ("vmrun.service", "vmrun-kdump.service"):
+            files[f"rootfs/etc/systemd/system/{unit}.d/checkout-in-tmp.conf"] = dropin.encode()
     init = systemd_init([m.name for m in T.target_modules(kernel)], enable=list(enable))
     return T.boot_init(kernel, init, files=files, cpu=cpu, append=f"{APPEND} {append}".strip(), timeout=timeout,
                        until=until, fail=fail, serial_text=Q.clean_console, **kw)
