@@ -8,7 +8,7 @@
 
 Each app is tests/efi/<app>.c linked with tests/efi/lib.c; output is OUTDIR/<app>.efi.
 An app is rebuilt only when the SHA-256 over the compiler command line, the compiler
-version and every source it uses (app, lib.c, lib.h, include/efi.h) differs from the
+version and every source it uses (app, lib.c, lib.h, hostile.h, include/efi.h) differs from the
 one recorded in OUTDIR/<app>.efi.stamp.  Builds are deterministic (no timestamps,
 no ident strings, no debug info): the same sources give byte-identical .efi files.
 
@@ -54,7 +54,7 @@ APPS = [
     "varlist",      # prints every variable; compared with a target's efivarfs, not a test
 ]
 
-COMMON = [HERE / "lib.c", HERE / "lib.h", HERE / "include" / "efi.h"]
+COMMON = [HERE / "lib.c", HERE / "lib.h", HERE / "hostile.h", HERE / "include" / "efi.h"]
 
 CFLAGS = [
     "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
