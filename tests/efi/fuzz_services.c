@@ -882,38 +882,6 @@ static void fuzz_one(UINTN which)
 }
 
 /* ---- setup and cleanup ---------------------------------------------------------------------- */
-static UINT8 *own_file(UINTN *size_out)
-{
-    UINT8 *base = (UINT8 *)gLI->ImageBase;
-    UINT32 lfanew = *(UINT32 *)(base + 0x3c);
-    UINT8 *pe = base + lfanew;
-    UINT16 nsec = *(UINT16 *)(pe + 6), optsz = *(UINT16 *)(pe + 20);
-    UINT8 *opt = pe + 24, *sec = opt + optsz;
-    UINT32 hdrs = *(UINT32 *)(opt + 60);
-    UINTN fsize = hdrs;
-    for (UINTN i = 0; i < nsec; i++) {
-        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
-        if (raw_size && raw_ptr + raw_size > fsize)
-            fsize = raw_ptr + raw_size;
-    }
-    if (fsize > MUTANT_AT / 2)
-        return NULL;
-    UINT8 *f = NULL;
-    if (gBS->AllocatePool(EfiLoaderData, fsize, (VOID **)&f) != EFI_SUCCESS)
-        return NULL;
-    memset(f, 0, fsize);
-    memcpy(f, base, hdrs);
-    for (UINTN i = 0; i < nsec; i++) {
-        UINT32 va = *(UINT32 *)(sec + 40 * i + 12);
-        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
-        if (raw_size)
-            memcpy(f + raw_ptr, base + va, raw_size);
-    }
-    *(UINT64 *)(f + lfanew + 24 + 24) = (UINT64)base;
-    *size_out = fsize;
-    return f;
-}
-
 static void setup(void)
 {
     EFI_PHYSICAL_ADDRESS a = 0;
@@ -979,7 +947,7 @@ static void setup(void)
     fw_ptrs[n_fw++] = cr3 & ~0xFFFULL;
     fw_ptrs[n_fw++] = (UINT64)gBS->AllocatePool;
     UINTN pe_size = 0;
-    own_pe = own_file(&pe_size);
+    own_pe = gLI ? pe_file_of_image((UINT8 *)gLI->ImageBase, MUTANT_AT / 2, &pe_size) : NULL;
     own_pe_size = pe_size;
 }
 

@@ -73,39 +73,10 @@ static EFI_STATUS exit_boot_services(void)
     return s;
 }
 
-/* The app's own PE file, rebuilt from its loaded image: headers and each section's raw data
- * at its file offset, ImageBase set to where it is loaded (its data are relocated for that
- * base), so LoadImage of the buffer relocates it correctly again. */
+/* The app's own PE file, rebuilt from its loaded image (lib.c pe_file_of_image). */
 static UINT8 *own_file(UINTN *size_out)
 {
-    UINT8 *base = gLI ? (UINT8 *)gLI->ImageBase : NULL;
-    if (!base)
-        return NULL;
-    UINT32 lfanew = *(UINT32 *)(base + 0x3c);
-    UINT8 *pe = base + lfanew;
-    UINT16 nsec = *(UINT16 *)(pe + 6), optsz = *(UINT16 *)(pe + 20);
-    UINT8 *opt = pe + 24, *sec = opt + optsz;
-    UINT32 hdrs = *(UINT32 *)(opt + 60);
-    UINTN fsize = hdrs;
-    for (UINTN i = 0; i < nsec; i++) {
-        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
-        if (raw_size && raw_ptr + raw_size > fsize)
-            fsize = raw_ptr + raw_size;
-    }
-    UINT8 *f = NULL;
-    if (gBS->AllocatePool(EfiLoaderData, fsize, (VOID **)&f) != EFI_SUCCESS)
-        return NULL;
-    memset(f, 0, fsize);
-    memcpy(f, base, hdrs);
-    for (UINTN i = 0; i < nsec; i++) {
-        UINT32 va = *(UINT32 *)(sec + 40 * i + 12);
-        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
-        if (raw_size)
-            memcpy(f + raw_ptr, base + va, raw_size);
-    }
-    *(UINT64 *)(f + lfanew + 24 + 24) = (UINT64)base;   /* OptionalHeader.ImageBase (PE32+) */
-    *size_out = fsize;
-    return f;
+    return pe_file_of_image(gLI ? (UINT8 *)gLI->ImageBase : NULL, 0, size_out);
 }
 
 static EFI_MEMORY_DESCRIPTOR *memory_map(UINTN *count, UINTN *dsize_out)

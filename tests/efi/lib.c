@@ -286,3 +286,40 @@ EFI_DEVICE_PATH_PROTOCOL *dp_next(const EFI_DEVICE_PATH_PROTOCOL *n)
 {
     return (EFI_DEVICE_PATH_PROTOCOL *)((const UINT8 *)n + dp_node_len(n));
 }
+
+/* The PE file of an image loaded at ``base``, rebuilt: headers and each section's raw data at
+ * its file offset, ImageBase set to ``base`` (the loaded data are relocated for it), so that
+ * LoadImage of the buffer relocates it correctly again. NULL when the file would be larger than
+ * ``max_size`` (0: no bound) or no pool is left. */
+UINT8 *pe_file_of_image(UINT8 *base, UINTN max_size, UINTN *size_out)
+{
+    if (!base)
+        return NULL;
+    UINT32 lfanew = *(UINT32 *)(base + 0x3c);
+    UINT8 *pe = base + lfanew;
+    UINT16 nsec = *(UINT16 *)(pe + 6), optsz = *(UINT16 *)(pe + 20);
+    UINT8 *opt = pe + 24, *sec = opt + optsz;
+    UINT32 hdrs = *(UINT32 *)(opt + 60);
+    UINTN fsize = hdrs;
+    for (UINTN i = 0; i < nsec; i++) {
+        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
+        if (raw_size && raw_ptr + raw_size > fsize)
+            fsize = raw_ptr + raw_size;
+    }
+    if (max_size && fsize > max_size)
+        return NULL;
+    UINT8 *f = NULL;
+    if (gBS->AllocatePool(EfiLoaderData, fsize, (VOID **)&f) != EFI_SUCCESS)
+        return NULL;
+    memset(f, 0, fsize);
+    memcpy(f, base, hdrs);
+    for (UINTN i = 0; i < nsec; i++) {
+        UINT32 va = *(UINT32 *)(sec + 40 * i + 12);
+        UINT32 raw_size = *(UINT32 *)(sec + 40 * i + 16), raw_ptr = *(UINT32 *)(sec + 40 * i + 20);
+        if (raw_size)
+            memcpy(f + raw_ptr, base + va, raw_size);
+    }
+    *(UINT64 *)(f + lfanew + 24 + 24) = (UINT64)base;   /* OptionalHeader.ImageBase (PE32+) */
+    *size_out = fsize;
+    return f;
+}

@@ -56,4 +56,7 @@ UINTN dp_node_len(const EFI_DEVICE_PATH_PROTOCOL *n);
 int   dp_is_end(const EFI_DEVICE_PATH_PROTOCOL *n);
 EFI_DEVICE_PATH_PROTOCOL *dp_next(const EFI_DEVICE_PATH_PROTOCOL *n);
 
+/* The PE file of an image loaded at base, rebuilt for LoadImage (NULL beyond max_size, 0: any) */
+UINT8 *pe_file_of_image(UINT8 *base, UINTN max_size, UINTN *size_out);
+
 #endif
