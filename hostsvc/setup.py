@@ -59,6 +59,7 @@ class FirmwareSpec:
     tpm: bool = True
     tpm_banks: tuple[str, ...] = ("sha256",)
     pcr_base: dict | None = None
+    tpm_mirror: TCG2.Mirror | None = None  # the machine's own TPM (measured kexec) instead of a fresh one
     initrd: bytes | None = None
 
 
@@ -89,8 +90,8 @@ def build_firmware(port: GuestPort, target: TargetMemoryMap, spec: FirmwareSpec)
     Rng(fw).install()
     DevicePathText(fw).install()
     if spec.tpm:
-        tpm = TCG2.install(fw, spec.tpm_banks)
-        if spec.pcr_base:
+        tpm = TCG2.install(fw, spec.tpm_banks, mirror=spec.tpm_mirror)
+        if spec.pcr_base and spec.tpm_mirror is None:
             tpm.pcrs = T.PcrBanks(tpm.banks, base=spec.pcr_base)
     if spec.initrd is not None:
         InitrdLoadFile2(fw, spec.initrd).install()

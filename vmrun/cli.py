@@ -66,11 +66,26 @@ def _run_options(f):
         click.option("--vars", "vars_file", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
                      help="Seed UEFI variables from a JSON list of {name, guid, data|text, attributes}."),
         click.option("--host-vars", is_flag=True, help="Seed UEFI variables from this machine's efivarfs."),
-        click.option("--no-tpm", is_flag=True, help="Offer no EFI_TCG2_PROTOCOL (no measurements)."),
+        click.option("--no-tpm", is_flag=True, help="Offer no EFI_TCG2_PROTOCOL (no measurements); same as --tpm=none."),
+        click.option("--tpm", "tpm_mode", type=click.Choice(["auto", "host", "software", "none"]), default="auto",
+                     show_default=True,
+                     help="host: mirror this machine's TPM 2.0 and its event log (measured kexec; README "
+                          "\"Measured kexec\"); software: a fresh software TPM; auto: host when /dev/tpmrm0 "
+                          "exists (or $VMRUN_TPM_TCTI is set), else software."),
+        click.option("--tpm-tcti", default=None, metavar="TCTI",
+                     help="How to reach the host TPM (tpm2-tools TCTI; default device:/dev/tpmrm0)."),
+        click.option("--tpm-firmware-log", type=click.Path(dir_okay=False), default=None,
+                     help="The firmware event log of the host TPM (default: securityfs "
+                          "tpm0/binary_bios_measurements)."),
+        click.option("--tpm-userspace-log", type=click.Path(dir_okay=False), default=None,
+                     help="systemd's measurement log (default /run/log/systemd/tpm2-measure.log)."),
+        click.option("--pcrlock", "pcrlock_out", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+                     default=None, help="Write the payload's measurements (with --tpm=host: the kexec "
+                                        "boundary first) as a systemd-pcrlock .pcrlock file."),
         click.option("--pcr-banks", default="sha256", show_default=True,
-                     help="Comma-separated PCR banks of the TPM (sha1, sha256, sha384, sha512)."),
+                     help="Software TPM: comma-separated PCR banks (sha1, sha256, sha384, sha512)."),
         click.option("--pcr-base", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
-                     help="JSON {bank: {index: hex}} of PCR values to start from (default: reset values)."),
+                     help="Software TPM: JSON {bank: {index: hex}} of PCR values to start from (default: reset values)."),
         click.option("--eventlog", "eventlog_out", type=click.Path(dir_okay=False, path_type=pathlib.Path),
                      default=None, help="Write the TCG event log (crypto-agile binary format) to this file."),
         click.option("--acpi-rsdp", default=None,
@@ -85,9 +100,47 @@ def _run_options(f):
     return f
 
 
+def _tpm_choice(tpm_mode, no_tpm, tpm_tcti, tpm_firmware_log, tpm_userspace_log, memmap) -> tuple[str, object]:
+    """The TPM a run gets: ("none"|"software", None) or ("host", vmrun.measured.host.Sources)."""
+    from vmrun.measured import hosttpm
+    from vmrun.measured.host import Sources
+
+    host_opts = _given(["tpm_tcti", "tpm_firmware_log", "tpm_userspace_log"])
+    soft_opts = _given(["pcr_banks", "pcr_base"])
+    if no_tpm:
+        if tpm_mode not in ("auto", "none"):
+            raise BadOptionError(f"--no-tpm contradicts --tpm={tpm_mode}")
+        tpm_mode = "none"
+    if tpm_mode == "auto":
+        if soft_opts or memmap is not None:
+            tpm_mode = "software"   # a software-TPM option, or staging for another machine
+        else:
+            tpm_mode = "host" if (tpm_tcti or hosttpm.default_tcti()) else "software"
+    if tpm_mode == "host":
+        if soft_opts:
+            raise BadOptionError(f"--{soft_opts[0].replace('_', '-')} is for the software TPM; with --tpm=host the "
+                                 "host TPM's banks and PCR values are used")
+        if memmap is not None:
+            raise BadOptionError("--tpm=host mirrors this machine's TPM; with --memmap (staging for another "
+                                 "machine) use --tpm=software")
+        tcti = tpm_tcti or hosttpm.default_tcti()
+        if not tcti:
+            raise BadOptionError(f"--tpm=host: this machine has no {hosttpm.TPMRM} (give --tpm-tcti)")
+        src = Sources(tcti)
+        if tpm_firmware_log:
+            src.firmware_log = tpm_firmware_log
+        if tpm_userspace_log:
+            src.userspace_log = tpm_userspace_log
+        return "host", src
+    if host_opts:
+        raise BadOptionError(f"--{host_opts[0].replace('_', '-')} only applies with --tpm=host")
+    return tpm_mode, None
+
+
 def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, trace, esp, esp_path,
                       esp_writable, esp_partuuid, vars_file, host_vars, no_tpm, pcr_banks, pcr_base,
-                      acpi_rsdp, smbios, smbios3, **extra):
+                      acpi_rsdp, smbios, smbios3, tpm_mode="auto", tpm_tcti=None, tpm_firmware_log=None,
+                      tpm_userspace_log=None, **extra):
     import uuid
 
     from hostsvc import tpm as T
@@ -117,14 +170,20 @@ def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, t
         partuuid = uuid.UUID(esp_partuuid) if esp_partuuid else None
     except ValueError:
         raise BadOptionError(f"--esp-partuuid {esp_partuuid!r}: not a GUID") from None
+    mode, sources = _tpm_choice(tpm_mode, no_tpm, tpm_tcti, tpm_firmware_log, tpm_userspace_log, memmap)
+    snap = mirror = None
+    if mode == "host":
+        from vmrun.measured import host
+        snap = host.snapshot(sources)
+        mirror = host.mirror(snap, crash=False)
     seeds = host_variables() if host_vars else []
     if vars_file is not None:
         seeds += load_vars_file(vars_file)
     seeds += [parse_var_option(v) for v in variables]
     return RunOptions(cmdline=cmdline, initrd=initrd, memmap=memmap, timeout=timeout,
                       memory_cap=parse_size(memory_cap), trace=trace, variables=seeds, esp=esp,
-                      esp_path=esp_path, esp_writable=esp_writable, esp_partuuid=partuuid, tpm=not no_tpm,
-                      tpm_banks=banks, pcr_base=base,
+                      esp_path=esp_path, esp_writable=esp_writable, esp_partuuid=partuuid, tpm=mode != "none",
+                      tpm_banks=banks, pcr_base=base, tpm_mirror=mirror, tpm_snapshot=snap,
                       acpi_rsdp=_parse_address("--acpi-rsdp", acpi_rsdp) if acpi_rsdp else None,
                       smbios=_parse_address("--smbios", smbios) if smbios else None,
                       smbios3=_parse_address("--smbios3", smbios3) if smbios3 else None, **extra)
@@ -138,15 +197,43 @@ def _write_eventlog(result, path) -> None:
     path.write_bytes(result.event_log)
 
 
+def _write_pcrlock(result, path, plan: dict | None = None) -> None:
+    """``--pcrlock``: the run's extends (a measured kexec's planned ones) as a .pcrlock file."""
+    if path is None:
+        return
+    from vmrun.measured.host import pcrlock
+    tcg2 = result.firmware.tcg2 if result.firmware is not None else None
+    if tcg2 is None:
+        raise BadOptionError("--pcrlock: the run had no TPM (--no-tpm)")
+    if plan is None:
+        from hostsvc import tpm as T
+        plan = {"extends": [{"pcr": p, "digests": {b: d.hex() for b, d in dg.items()}, "type": T.event_type_name(t)}
+                            for p, dg, t in tcg2.extends]}
+    try:
+        path.write_text(json.dumps(pcrlock(plan), indent=2) + "\n")
+    except OSError as e:
+        raise BadOptionError(f"--pcrlock {path}: {e.strerror}") from None
+
+
+def _measured_plan(result, options, *, crash: bool) -> dict | None:
+    """With --tpm=host: the section written into the payload's log copy and the plan kept in the
+    handoff's metadata (vmrun.measured.host.finish_stage)."""
+    if options.tpm_snapshot is None or result.outcome != "exit_boot_services":
+        return None
+    from vmrun.measured import host
+    return host.finish_stage(result, options.tpm_snapshot, crash=crash)
+
+
 @cli.command()
 @click.argument("payload", type=click.Path(path_type=pathlib.Path))
 @_run_options
-def run(payload, as_json, eventlog_out, **kw):
+def run(payload, as_json, eventlog_out, pcrlock_out, **kw):
     """Run PAYLOAD to ExitBootServices and print a summary."""
     from vmrun.runner import run_payload
 
     result = run_payload(payload, _make_run_options(**kw))
     _write_eventlog(result, eventlog_out)
+    _write_pcrlock(result, pcrlock_out)
     trace = kw["trace"]
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, default=str))
@@ -161,15 +248,18 @@ def run(payload, as_json, eventlog_out, **kw):
               help="Where to write the handoff (ELF64 for kexec -l … -t elf-x86_64 --args-none).")
 @click.option("--allow-stray-writes", is_flag=True, help="Stage even if the payload wrote memory it did not own.")
 @_run_options
-def stage(payload, output, allow_stray_writes, as_json, eventlog_out, **kw):
+def stage(payload, output, allow_stray_writes, as_json, eventlog_out, pcrlock_out, **kw):
     """Run PAYLOAD to ExitBootServices and write the kexec handoff to OUTPUT."""
     from vmrun.handoff.stage import StageError, stage as do_stage
     from vmrun.runner import run_payload
 
     trace = kw["trace"]
-    result = run_payload(payload, _make_run_options(**kw, dirty_log=True), keep=True)
-    _write_eventlog(result, eventlog_out)
+    options = _make_run_options(**kw, dirty_log=True)
+    result = run_payload(payload, options, keep=True)
     try:
+        plan = _measured_plan(result, options, crash=False)
+        _write_eventlog(result, eventlog_out)
+        _write_pcrlock(result, pcrlock_out, plan)
         if result.outcome != "exit_boot_services":
             if as_json:
                 click.echo(json.dumps({"run": result.to_json(), "stage": None}, indent=2, default=str))
@@ -177,7 +267,8 @@ def stage(payload, output, allow_stray_writes, as_json, eventlog_out, **kw):
                 _print_summary(result, trace)
             sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
         try:
-            report = do_stage(result, output, allow_stray_writes=allow_stray_writes)
+            report = do_stage(result, output, allow_stray_writes=allow_stray_writes,
+                              extra_metadata={"measured": plan} if plan else None)
         except StageError as e:
             if as_json:
                 click.echo(json.dumps({"run": result.to_json(), "stage": {"error": str(e), **e.details}},
@@ -194,6 +285,7 @@ def stage(payload, output, allow_stray_writes, as_json, eventlog_out, **kw):
                        f"entry {report.entry:#x})")
             click.echo(f"          load with: vmrun load {report.path}   "
                        f"(or kexec -l {report.path} -t elf-x86_64 --args-none)")
+            _print_measured(plan)
     finally:
         result.machine.close()
 
@@ -220,14 +312,14 @@ def _given(names) -> list[str]:
                    "(default: see README, kdump).")
 @click.option("--allow-stray-writes", is_flag=True, help="Load even if the payload wrote memory it did not own.")
 @_run_options
-def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, **kw):
+def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, pcrlock_out, **kw):
     """Load FILE with kexec_load(2) (needs root): a PE payload (run for this machine and staged
     in memory, like kexec -l) or a handoff written by `vmrun stage`."""
     from vmrun import loader
 
     slot = "the crash kernel" if crash else "the kexec image"
     if loader.is_staged_file(file):
-        misplaced = _given(["kdump_append", "allow_stray_writes", "as_json", "eventlog_out", *kw])
+        misplaced = _given(["kdump_append", "allow_stray_writes", "as_json", "eventlog_out", "pcrlock_out", *kw])
         if misplaced:
             raise BadOptionError(f"{file} is a staged handoff: --{misplaced[0].replace('_', '-')} only applies "
                                  "when loading a PE payload")
@@ -255,8 +347,10 @@ def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, *
         kdump = K.CrashLoad(file, options, append=kdump_append)
         options = kdump.options
     result = run_payload(file, options, keep=True)
-    _write_eventlog(result, eventlog_out)
     try:
+        plan = _measured_plan(result, options, crash=crash)
+        _write_eventlog(result, eventlog_out)
+        _write_pcrlock(result, pcrlock_out, plan)
         if result.outcome != "exit_boot_services":
             if kdump is not None:
                 kdump.check_outcome(result)
@@ -266,6 +360,8 @@ def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, *
                 _print_summary(result, trace)
             sys.exit(OUTCOME_EXIT_CODES.get(result.outcome, 1))
         extra_meta, extra_segments, not_staged = kdump.finish(result) if kdump is not None else ({}, [], [])
+        if plan:
+            extra_meta = {**extra_meta, "measured": plan}
         handoff = build(result, allow_stray_writes=allow_stray_writes, extra_metadata=extra_meta,
                         extra_segments=extra_segments, not_staged=not_staged)
         meta = loader.load_handoff(handoff, crash=crash, source={
@@ -281,6 +377,7 @@ def load(file, crash, kdump_append, allow_stray_writes, as_json, eventlog_out, *
                        f"{handoff.entry:#x}" + ("" if crash else "; `vmrun exec` boots it"))
             if kdump is not None:
                 click.echo(f"kdump:    cmdline {meta['kdump']['cmdline']!r}")
+            _print_measured(plan)
     finally:
         result.machine.close()
 
@@ -348,11 +445,60 @@ def eventlog(logfile, as_json):
         click.echo(T.format_log(events), nl=False)
 
 
+def _print_measured(plan: dict | None) -> None:
+    if not plan:
+        return
+    from vmrun.loader import SUMMARY_PCRS
+    click.echo(f"measured: host TPM ({', '.join(plan['banks'])}); {len(plan['extends'])} extends planned after the "
+               f"kexec boundary (PCR {plan['boundary']['pcr']}); "
+               + ("the log copy is in the handoff" if plan["log_copy"] else "the payload handed on NO event log"))
+    for s in plan["at_stage"]["unexplained"]:
+        click.echo(f"          PCR {s['pcr']}: {s['reason']} (the log cannot replay it; marked in the log)")
+    for bank, vals in plan["predicted"].items():
+        shown = [(int(i), v) for i, v in vals.items() if int(i) in SUMMARY_PCRS]
+        click.echo(f"          next kernel {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in shown))
+
+
 @cli.command(name="exec")
 def exec_():
-    """Reboot into the loaded handoff now (like kexec -e)."""
-    from vmrun import kexec
+    """Reboot into the loaded handoff now (like kexec -e); a measured kexec is finalized first."""
+    from vmrun import kexec, loader
+    report = loader.finalize_measured()
+    if report:
+        _print_finalized(report)
     kexec.execute()
+
+
+def _print_finalized(report: dict, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"measured: extended {report['extended']} of {report['total']} events into the TPM; log "
+               f"{report.get('log')}" + (f"; PCRs differing from the prediction: {', '.join(report['mismatch'])}"
+                                         if report.get("mismatch") else ""), err=True)
+    for s in report.get("unexplained", []):
+        click.echo(f"          PCR {s['pcr']}: {s['reason']} (marked in the log)", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--if-kexec", "verb", default=None, metavar="VERB",
+              help="Do nothing unless VERB is 'kexec' (systemd-shutdown passes its verb to its hooks).")
+def finalize(as_json, verb):
+    """Finish a measured kexec now: extend the TPM with the loaded payload's measurements and
+    reload it with the final event log. `vmrun exec` does this itself; systemd's
+    system-shutdown hook (scripts/install-units) runs it as the last step before a kexec."""
+    from vmrun import loader
+    if verb is not None and verb != "kexec":
+        return
+    report = loader.finalize_measured()
+    if report is None:
+        if as_json:
+            click.echo("null")
+        else:
+            click.echo("nothing to finalize: no measured kexec is loaded", err=True)
+        return
+    _print_finalized(report, as_json)
 
 
 cli.add_command(kexec_cli.kexec)  # `vmrun kexec`: the kexec-tools options (vmrun/kexec_cli.py)

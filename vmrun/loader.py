@@ -55,7 +55,7 @@ def iomem_ram_digest(iomem: str | None = None) -> str:
     return hashlib.sha256("".join(f"{s:x}-{e:x}\n" for s, e in ram).encode()).hexdigest()
 
 
-def record(slot: str, metadata: dict, source: dict) -> None:
+def record(slot: str, metadata: dict, source: dict, handoff: dict | None = None) -> None:
     """Remember what was loaded into ``slot`` (best effort: a failure is logged, not fatal)."""
     entry = {
         "slot": slot,
@@ -70,7 +70,13 @@ def record(slot: str, metadata: dict, source: dict) -> None:
         "segments": metadata.get("segments"),
         "pcrs": metadata.get("pcrs"),
         "kdump": metadata.get("kdump"),
+        "measured": metadata.get("measured"),
+        "handoff": handoff,
     }
+    _write_record(slot, entry)
+
+
+def _write_record(slot: str, entry: dict) -> None:
     try:
         d = state_dir()
         d.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -160,18 +166,99 @@ def format_status(st: dict) -> str:
 
 
 def load_file(path: pathlib.Path, *, crash: bool) -> dict:
-    """``vmrun load STAGED``: the file flow, with its memory-map check."""
+    """``vmrun load STAGED``: the file flow, with its memory-map check. A measured handoff is
+    loaded as staged (its log says the kexec was not measured) and finalized before the kexec
+    from the same file (its digest is recorded)."""
     meta = kexec.load(path, crash=crash)
-    record("crash" if crash else "normal", meta, {"kind": "staged file", "path": str(path)})
+    kept = None
+    if meta.get("measured") and not crash:
+        kept = {"path": str(pathlib.Path(path).resolve()), "sha256": _file_sha256(path)}
+    record("crash" if crash else "normal", meta, {"kind": "staged file", "path": str(path)}, kept)
     return meta
 
 
 def load_handoff(handoff, *, crash: bool, source: dict) -> dict:
-    """kexec_load(2) a handoff staged in memory (``vmrun load PAYLOAD``)."""
+    """kexec_load(2) a handoff staged in memory (``vmrun load PAYLOAD``). A measured one is also
+    written to the state folder (``normal.handoff``): the kexec is finalized from it."""
     kexec.load_segments(handoff.entry, handoff.segments, crash=crash,
                         name=handoff.metadata.get("payload", {}).get("name", "the payload"))
-    record("crash" if crash else "normal", handoff.metadata, source)
+    kept = None
+    slot = "crash" if crash else "normal"
+    if handoff.metadata.get("measured") and not crash:
+        path = state_dir() / f"{slot}.handoff"
+        try:
+            state_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            handoff.write(tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+            kept = {"path": str(path), "sha256": _file_sha256(path)}
+        except OSError as e:
+            log.warning("measured.handoff_not_kept", path=str(path), error=str(e),
+                        why="the kexec cannot be measured; its log says so")
+    record(slot, handoff.metadata, source, kept)
     return handoff.metadata
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finalize_measured() -> dict | None:
+    """Finish a measured kexec just before it happens: extend the TPM with the loaded payload's
+    measurements and reload it with the final event log (vmrun.measured.host.finalize). None
+    when the normal slot holds no measured kexec of this boot; the earlier report when it was
+    finalized already (nothing is extended twice)."""
+    from vmrun.handoff import elf
+    from vmrun.measured import host
+
+    rec = _recorded("normal")
+    if not rec or not rec.get("measured") or not kexec.loaded():
+        return None
+    m = rec["measured"]
+    state = m.get("state")
+    if state == "finalized":
+        return m.get("finalized")
+    if state == "extending":
+        raise host.MeasuredError("an earlier finalize of this kexec was interrupted while extending the TPM: "
+                                 "its PCRs are not known to match any log; load the payload again")
+    kept = rec.get("handoff")
+    if not kept:
+        raise host.MeasuredError("the measured handoff was not kept (see the load's log): the kexec cannot be "
+                                 "measured; load the payload again")
+    path = pathlib.Path(kept["path"])
+    if _file_sha256(path) != kept["sha256"]:
+        raise host.MeasuredError(f"{path} changed since it was loaded: load it again")
+    data, h = kexec.read_handoff(path)
+    view = memoryview(data)
+    segments = [elf.LoadSegment(paddr, view[off:off + filesz], memsz) for off, filesz, paddr, memsz in h.segments]
+    m["state"] = "extending"
+    _write_record("normal", rec)
+    name = (rec.get("payload") or {}).get("name", path.name)
+    try:
+        report = host.finalize(m, segments, h.entry,
+                               load=lambda entry, segs: kexec.load_segments(entry, segs, name=name))
+    except host.TpmError as e:
+        report = getattr(e, "report", None)
+        m["state"] = "failed"
+        m["finalized"] = report or {"error": str(e)}
+        _write_record("normal", rec)
+        raise
+    except BaseException:
+        # nothing was extended unless the error says so (PartialExtend is a TpmError)
+        m["state"] = "staged"
+        _write_record("normal", rec)
+        raise
+    m["state"] = "finalized"
+    m["finalized"] = report
+    _write_record("normal", rec)
+    log.info("measured.finalized", extended=report["extended"], total=report["total"],
+             unexplained=",".join(str(s["pcr"]) for s in report.get("unexplained", [])) or "none")
+    return report
 
 
 def unload(*, crash: bool) -> None:

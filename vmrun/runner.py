@@ -64,6 +64,9 @@ class RunOptions:
     tpm: bool = True                       # EFI_TCG2_PROTOCOL with a software TPM
     tpm_banks: tuple[str, ...] = ("sha256",)
     pcr_base: dict | None = None           # bank → {index: bytes} starting values
+    # the machine's own TPM mirrored (vmrun.measured: --tpm=host); replaces tpm_banks/pcr_base
+    tpm_mirror: Any = None
+    tpm_snapshot: Any = None               # vmrun.measured.host.Snapshot behind tpm_mirror
     # configuration tables pointing at the target's own firmware tables (physical addresses);
     # None = this host's when the target is this host (/sys/firmware/efi/systab), else omitted
     acpi_rsdp: int | None = None
@@ -266,7 +269,8 @@ def run_payload(path: str | pathlib.Path, options: RunOptions, *, keep: bool = F
             cmdline=options.cmdline, trace=options.trace, memory_cap=options.memory_cap,
             variables=list(options.variables), config_tables=target_config_tables(options, target_is_host),
             rt_unsupported_code=blob.code[blob.symbols["rt_unsupported"]:blob.symbols["svc_thunks"]],
-            tpm=options.tpm, tpm_banks=options.tpm_banks, pcr_base=options.pcr_base, initrd=initrd))
+            tpm=options.tpm, tpm_banks=options.tpm_banks, pcr_base=options.pcr_base,
+            tpm_mirror=options.tpm_mirror, initrd=initrd))
 
         def uart_line(line: str) -> None:
             if len(serial_lines) < MAX_SERIAL_LINES:  # the UART's output is bounded too

@@ -25,11 +25,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import struct
+from dataclasses import dataclass
 from typing import Iterable
 
 import structlog
 
 from hostsvc import guids as G
+from hostsvc import kexeclog as KL
 from hostsvc import status as S
 from hostsvc import tpm as T
 from hostsvc import uefi_types as U
@@ -76,15 +78,52 @@ MAX_PE_HASH_SIZE = 512 << 20
 MAX_EVENT_SIZE = LOG_AREA_SIZE
 
 
+@dataclass
+class Mirror:
+    """The machine's own TPM as a measured kexec's payload is to see it: the TPM's active banks
+    and current PCR values, the firmware's event log, and the carried section
+    (:mod:`hostsvc.kexeclog`) that follows it. The payload's log then continues with the kexec
+    boundary instead of the first boot's ReadyToBoot separators, which the machine's firmware
+    measured already."""
+    banks: tuple[str, ...]
+    pcrs: dict[str, dict[int, bytes]]
+    firmware_log: bytes
+    section: list[T.Event]
+    manufacturer_id: int | None = None
+
+
 class Tcg2:
     def __init__(self, fw, banks: Iterable[str] = DEFAULT_BANKS, *, log_size: int = LOG_AREA_SIZE,
                  final_size: int = FINAL_AREA_SIZE, manufacturer_id: int = SWTPM_MANUFACTURER_ID,
-                 max_command_size: int = MAX_COMMAND_SIZE, max_response_size: int = MAX_RESPONSE_SIZE):
+                 max_command_size: int = MAX_COMMAND_SIZE, max_response_size: int = MAX_RESPONSE_SIZE,
+                 mirror: Mirror | None = None):
         self.fw = fw
         self.mem = fw.mem
-        self.banks = T.canonical_banks(banks)
-        self.pcrs = T.PcrBanks(self.banks)
-        self.log = T.EventLog(self.banks, max_size=log_size)
+        self.mirror = mirror
+        #: every PCR extend of this run in order (pcr, {bank: digest}, event type): what a measured
+        #: kexec replays into the real TPM
+        self.extends: list[tuple[int, dict[str, bytes], int]] = []
+        self.section_offset = self.section_size = 0
+        if mirror is None:
+            self.banks = T.canonical_banks(banks)
+            self.pcrs = T.PcrBanks(self.banks)
+            self.log = T.EventLog(self.banks, max_size=log_size)
+        else:
+            self.banks = T.canonical_banks(mirror.banks)
+            self.pcrs = T.PcrBanks(self.banks, base=mirror.pcrs)
+            self.log = T.EventLog.from_bytes(mirror.firmware_log)
+            if set(self.log.banks) != set(self.banks) or len(self.log.spec_id.algorithms) != len(self.banks):
+                raise ValueError(f"the firmware event log records the banks "
+                                 f"{', '.join(T.alg_name(a) for a, _ in self.log.spec_id.algorithms)} but the TPM "
+                                 f"has {', '.join(self.banks)} active")
+            self.section_offset = self.log.size
+            for ev in mirror.section:
+                self.log.append(ev.pcr, ev.event_type, ev.digests, ev.data)
+            self.section_size = self.log.size - self.section_offset
+            log_size = _pages(self.log.size + log_size) * PAGE_SIZE
+            self.log.max_size = log_size
+            if mirror.manufacturer_id is not None:
+                manufacturer_id = mirror.manufacturer_id
         self.log_size = log_size
         self.final_size = final_size
         self.final_events: list[T.Event] = []
@@ -154,6 +193,7 @@ class Tcg2:
             if digests is None:
                 digests = T.hash_all(data if data is not None else b"", self.banks)
             self.pcrs.extend(pcr, digests)
+            self.extends.append((pcr, {b: bytes(digests[b]) for b in self.banks}, event_type))
         if extend_only:
             return S.SUCCESS
         return self._log(pcr, event_type, digests, event_data)
@@ -203,6 +243,10 @@ class Tcg2:
             vd = T.variable_data(name, guid, value)
             self.measure(7, T.EV_EFI_VARIABLE_DRIVER_CONFIG, vd, data=vd)
         self.measure(7, T.EV_SEPARATOR, T.SEPARATOR_DATA, data=T.SEPARATOR_DATA)
+
+    def kexec_boundary(self) -> None:
+        pcr, etype, data, digests = KL.boundary_event(self.banks)
+        self.measure(pcr, etype, data, digests=digests)
 
     def ready_to_boot(self) -> None:
         """OnReadyToBoot (first attempt): PCR 4 "Calling EFI Application from Boot Option",
@@ -388,6 +432,7 @@ def _pe_header_fields(pe: bytes) -> dict:
 # --- call sites for the lead: no-ops without a TPM -----------------------------------------------
 
 def install(fw, banks: Iterable[str] = DEFAULT_BANKS, **kw) -> Tcg2:
+    """Install EFI_TCG2_PROTOCOL (``mirror=``: :class:`Mirror` of the machine's own TPM)."""
     t = Tcg2(fw, banks, **kw)
     t.install()
     return t
@@ -398,6 +443,11 @@ def separators(fw, *, secure_boot_policy: bool = True) -> None:
     Application from Boot Option", EV_SEPARATOR on PCR 0-6 (EDK2 order)."""
     t = getattr(fw, "tcg2", None)
     if t is None:
+        return
+    if t.mirror is not None:
+        # the machine's firmware measured its separators at its own ReadyToBoot: a measured
+        # kexec continues its log with the boundary instead (hostsvc.kexeclog)
+        t.kexec_boundary()
         return
     if secure_boot_policy:
         t.secure_boot_policy()

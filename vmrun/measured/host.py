@@ -1,0 +1,313 @@
+"""Measured kexec on a machine with a TPM 2.0: stage against the real TPM, extend it just before
+the kexec, and hand the next kernel a log that replays to it.
+
+When a payload is staged (``vmrun stage``/``load`` with ``--tpm=host``, the default when
+``/dev/tpmrm0`` exists), :func:`snapshot` reads the TPM's active banks and PCRs, the firmware's
+event log (``binary_bios_measurements``) and systemd's userspace log, and
+:func:`vmrun.measured.carry.explain` works out what the log can explain. The payload's
+EFI_TCG2_PROTOCOL mirrors that TPM (:class:`hostsvc.protocols.tcg2.Mirror`): same banks, PCRs
+continuing from the TPM's, a log that starts with the firmware log and the carried section,
+then the kexec boundary and the payload's own measurements. Nothing is extended then: staging,
+loading and arming kdump leave the PCRs as they are.
+
+After the run, :func:`finish_stage` finds the copy of the log the payload handed on (Linux's
+LINUX_EFI_TPM_EVENT_LOG configuration table) and writes the section into it, saying the events
+after it were *not* measured (``not_finalized``; ``crash_kernel`` for kdump), so a kexec that
+does not go through vmrun still boots a log that tells the truth. The plan saved with the handoff
+(:func:`plan`) lists the boundary and every extend the payload made.
+
+Just before the kexec (``vmrun exec``, ``vmrun kexec -e``, the service's Exec, or systemd's
+system-shutdown hook after every unit has stopped), :func:`finalize` reads the TPM again,
+re-explains its PCRs (userspace extends made since staging, e.g. at shutdown, are carried now),
+extends the TPM with the planned events in order, rewrites the section (without the
+not-measured marker; with a ``partial`` one if the TPM refused part-way), loads the handoff
+again with kexec_load(2), and reads the PCRs back to check them against the prediction.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import struct
+from dataclasses import dataclass
+
+import structlog
+
+from hostsvc import guids as G
+from hostsvc import kexeclog as KL
+from hostsvc import tpm as T
+from vmrun.errors import VmrunError
+from vmrun.measured import userlog
+from vmrun.measured.carry import Explanation, explain
+from vmrun.measured.hosttpm import HostTpm, PartialExtend, TpmBankMismatch, TpmError
+
+log = structlog.get_logger("vmrun.measured")
+
+FIRMWARE_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
+MAX_FIRMWARE_LOG = 16 << 20
+#: struct linux_efi_tpm_eventlog (include/linux/efi.h): u32 size, u32 final_events_preboot_size,
+#: u8 version, then the log
+LINUX_LOG_HEADER = 9
+
+
+class MeasuredError(VmrunError):
+    """A measured kexec cannot be prepared or finished (the log, the plan, the handoff)."""
+    exit_code = 65
+    kind = "measured"
+
+
+@dataclass
+class Sources:
+    tcti: str
+    firmware_log: str = FIRMWARE_LOG
+    userspace_log: str = userlog.DEFAULT_PATH
+
+    def to_json(self) -> dict:
+        return {"tcti": self.tcti, "firmware_log": self.firmware_log, "userspace_log": self.userspace_log}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Sources":
+        return cls(d["tcti"], d.get("firmware_log", FIRMWARE_LOG), d.get("userspace_log", userlog.DEFAULT_PATH))
+
+
+@dataclass
+class Snapshot:
+    sources: Sources
+    banks: tuple[str, ...]
+    pcrs: dict[str, dict[int, bytes]]
+    firmware_log: bytes
+    firmware_events: list[T.Event]
+    records: list[userlog.Record]
+    explanation: Explanation
+    manufacturer: int | None
+
+    @property
+    def firmware_log_sha256(self) -> str:
+        return hashlib.sha256(self.firmware_log).hexdigest()
+
+
+def read_firmware_log(path: str) -> tuple[bytes, list[T.Event]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FIRMWARE_LOG + 1)
+    except FileNotFoundError:
+        raise MeasuredError(f"no firmware event log at {path} (is securityfs mounted at /sys/kernel/security, "
+                            "and did the firmware hand one on?); use --tpm=software to measure into a "
+                            "software TPM instead") from None
+    except OSError as e:
+        raise MeasuredError(f"cannot read the firmware event log {path}: {e.strerror}") from None
+    if len(data) > MAX_FIRMWARE_LOG:
+        raise MeasuredError(f"the firmware event log {path} is larger than {MAX_FIRMWARE_LOG >> 20} MiB")
+    try:
+        events = T.parse(data)
+    except ValueError as e:
+        raise MeasuredError(f"the firmware event log {path} is not a TCG crypto-agile log: {e}") from None
+    return data, events
+
+
+def snapshot(sources: Sources, tpm: HostTpm | None = None) -> Snapshot:
+    tpm = tpm or HostTpm(sources.tcti)
+    banks = tpm.active_banks()
+    pcrs = tpm.read_pcrs(banks)
+    data, events = read_firmware_log(sources.firmware_log)
+    spec = T.SpecId.parse(events[0].data)
+    logged = {T.alg_name(a) for a, _ in spec.algorithms}
+    if logged != set(banks):
+        raise TpmBankMismatch(f"the firmware event log {sources.firmware_log} records the banks "
+                              f"{', '.join(sorted(logged))}, the TPM has {', '.join(banks)} active: its PCRs "
+                              "cannot be replayed from that log (use --tpm=software)")
+    try:
+        records = userlog.read(sources.userspace_log)
+    except userlog.UserLogError as e:
+        raise MeasuredError(f"systemd's measurement log {sources.userspace_log}: {e}") from None
+    try:
+        manufacturer = tpm.manufacturer()
+    except TpmError:
+        manufacturer = None
+    return Snapshot(sources, banks, pcrs, data, events, records, explain(events, records, pcrs, banks),
+                    manufacturer)
+
+
+def mirror(snap: Snapshot, *, crash: bool):
+    """The payload's TCG2 view of the machine's TPM, with the section as it stands before the
+    kexec is finalized."""
+    from hostsvc.protocols.tcg2 import Mirror
+    reason = KL.CRASH_KERNEL if crash else KL.NOT_FINALIZED
+    section = _section(snap, KL.not_measured(reason, 0, 0, snap.banks))
+    return Mirror(snap.banks, snap.pcrs, snap.firmware_log, section, snap.manufacturer)
+
+
+def _section(snap: Snapshot, marker: T.Event | None, size: int = KL.DEFAULT_SECTION_SIZE) -> list[T.Event]:
+    """The carried section of ``size`` bytes for ``snap``. When the records do not all fit, the
+    last ones are left out and the PCRs they would have explained get PCR-state markers
+    instead: the section may say less, never something false."""
+    tail = [marker] if marker is not None else []
+    records = snap.records
+    while True:
+        expl = snap.explanation if records is snap.records else \
+            explain(snap.firmware_events, records, snap.pcrs, snap.banks)
+        try:
+            return KL.build_section(expl.section_events() + tail, snap.banks, size)
+        except KL.SectionFull:
+            if not records:
+                raise MeasuredError(f"the carried section ({size} bytes) cannot hold even the PCR "
+                                    "markers") from None
+            log.warning("measured.section_full", records=len(records), size=size)
+            records = records[:len(records) * 3 // 4]
+
+
+# --- after the run: the section in the payload's copy of the log, and the plan --------------
+
+def log_copy(result) -> tuple[int, int] | None:
+    """(address of the log in the payload's LINUX_EFI_TPM_EVENT_LOG table, its size), or None
+    when the payload handed on no log."""
+    fw = result.firmware
+    for guid, addr in fw.config.entries:
+        if guid == G.LINUX_EFI_TPM_EVENT_LOG:
+            size, _preboot, version = struct.unpack("<IIB", fw.mem.read(addr, LINUX_LOG_HEADER))
+            if version != 2:   # EFI_TCG2_EVENT_LOG_FORMAT_TCG_2
+                return None
+            return addr + LINUX_LOG_HEADER, size
+    return None
+
+
+def finish_stage(result, snap: Snapshot, *, crash: bool) -> dict:
+    """Rewrite the section in the payload's copy of the log (with the number of events that
+    follow it), and return the plan for the handoff's metadata."""
+    tcg2 = result.firmware.tcg2
+    extends = tcg2.extends
+    reason = KL.CRASH_KERNEL if crash else KL.NOT_FINALIZED
+    section = _section(snap, KL.not_measured(reason, 0, len(extends), snap.banks), tcg2.section_size)
+    blob = KL.section_bytes(section)
+    tcg2.mem.write(tcg2.log_addr + tcg2.section_offset, blob)
+    tcg2.log.replace(tcg2.section_offset, blob)
+    result.event_log = tcg2.log_bytes()
+    copy = log_copy(result)
+    where = None
+    if copy is not None:
+        addr, size = copy
+        at = addr + tcg2.section_offset
+        head = tcg2.mem.read(addr, tcg2.section_offset)
+        if size >= tcg2.section_offset + tcg2.section_size and head == tcg2.log.to_bytes()[:tcg2.section_offset]:
+            tcg2.mem.write(at, blob)
+            where = {"log": hex(addr), "log_size": size, "section_paddr": hex(at), "section_size": len(blob)}
+        else:
+            log.warning("measured.log_copy_differs", address=hex(addr),
+                        why="the payload's copy of the event log does not start with the firmware log")
+    else:
+        log.warning("measured.no_log_copy", why="the payload handed on no event log "
+                    "(no LINUX_EFI_TPM_EVENT_LOG table): the next kernel will have no firmware event log")
+    return {
+        "tpm": "host",
+        "slot": "crash" if crash else "normal",
+        "sources": snap.sources.to_json(),
+        "banks": list(snap.banks),
+        "firmware_log_sha256": snap.firmware_log_sha256,
+        "log_copy": where,
+        "boundary": {"pcr": KL.BOUNDARY_PCR, "type": T.event_type_name(KL.BOUNDARY_TYPE),
+                     "data": KL.BOUNDARY_DATA.decode()},
+        "extends": [{"pcr": pcr, "type": T.event_type_name(etype), "digests": {b: d.hex() for b, d in dg.items()}}
+                    for pcr, dg, etype in extends],
+        "at_stage": {"pcrs": _hex_pcrs(snap.pcrs), **snap.explanation.to_json()},
+        "predicted": _hex_pcrs(tcg2.pcrs.values()),
+        "not_measured": KL.NOT_MEASURED_REASONS[reason],
+    }
+
+
+def _hex_pcrs(values) -> dict:
+    return {b: {str(i): v.hex() for i, v in sorted(vals.items())} for b, vals in values.items()}
+
+
+def pcrlock(plan: dict) -> dict:
+    """The kexec's measurements in systemd-pcrlock's ``.pcrlock`` format (a JSON object with a
+    ``records`` array of CEL-JSON-style records: pcr, digests[hashAlg, digest])."""
+    return {"records": [{"pcr": e["pcr"], "digests": [{"hashAlg": b, "digest": d} for b, d in e["digests"].items()]}
+                        for e in plan["extends"]]}
+
+
+# --- just before the kexec ----------------------------------------------------------------
+
+class AlreadyFinalized(MeasuredError):
+    exit_code = 66
+    kind = "measured_already"
+
+
+def patch_segments(segments, paddr: int, blob: bytes):
+    """The segments with ``blob`` written at physical ``paddr`` (which must lie inside one)."""
+    from vmrun.handoff.elf import LoadSegment
+    out = []
+    done = False
+    for sg in segments:
+        if sg.paddr <= paddr and paddr + len(blob) <= sg.paddr + sg.memsz:
+            data = bytearray(sg.data)
+            off = paddr - sg.paddr
+            if off + len(blob) > len(data):   # trailing zero pages were left to memsz
+                data += bytes(off + len(blob) - len(data))
+            data[off:off + len(blob)] = blob
+            out.append(LoadSegment(sg.paddr, data, sg.memsz))
+            done = True
+        else:
+            out.append(sg)
+    if not done:
+        raise MeasuredError(f"the event log section at {paddr:#x} is in no segment of the handoff")
+    return out
+
+
+def finalize(plan: dict, segments, entry: int, *, load, tpm: HostTpm | None = None) -> dict:
+    """Extend the TPM with the planned events and load the handoff again with the final section.
+    ``load(entry, segments)`` is kexec_load. Returns the report (also for `vmrun status`)."""
+    sources = Sources.from_json(plan["sources"])
+    tpm = tpm or HostTpm(sources.tcti)
+    snap = snapshot(sources, tpm)
+    if snap.firmware_log_sha256 != plan["firmware_log_sha256"]:
+        raise MeasuredError("the firmware event log changed since the payload was staged (staged in "
+                            "another boot?): stage it again")
+    banks = snap.banks
+    if list(banks) != plan["banks"]:
+        raise TpmBankMismatch(f"the TPM's active banks are {', '.join(banks)}, the payload was staged for "
+                              f"{', '.join(plan['banks'])}: stage it again")
+    events = [(e["pcr"], {b: bytes.fromhex(d) for b, d in e["digests"].items()}) for e in plan["extends"]]
+    expected = {b: dict(v) for b, v in snap.pcrs.items()}
+    for pcr, dg in events:
+        for b in banks:
+            expected[b][pcr] = KL.extend(expected[b][pcr], dg[b], b)
+    partial = None
+    log.info("measured.extend", events=len(events), banks=",".join(banks))
+    try:
+        done = tpm.extend_events(events)
+        marker = None
+    except PartialExtend as e:
+        partial, done = e, e.done
+        marker = KL.not_measured(KL.PARTIAL, done, len(events), banks)
+    report = {
+        "finalized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "extended": done, "total": len(events),
+        "before": _hex_pcrs(snap.pcrs), **snap.explanation.to_json(),
+    }
+    copy = plan.get("log_copy")
+    if copy:
+        section = _section(snap, marker, copy["section_size"])
+        segments = patch_segments(segments, int(copy["section_paddr"], 16), KL.section_bytes(section))
+        load(entry, segments)
+        report["log"] = "rewritten"
+    else:
+        report["log"] = "none (the payload handed on no event log)"
+    try:
+        after = tpm.read_pcrs(banks)
+        report["after"] = _hex_pcrs(after)
+        if partial is None:
+            wrong = [f"{b}:{i}" for b in banks for i in range(T.NUM_PCRS) if after[b][i] != expected[b][i]]
+            report["mismatch"] = wrong
+            if wrong:
+                log.warning("measured.mismatch", pcrs=",".join(wrong),
+                            why="the TPM changed while vmrun extended it (another process extending?)")
+    except TpmError as e:
+        report["after_error"] = str(e)
+    if partial is not None:
+        report["error"] = str(partial)
+        partial.report = report
+        raise partial
+    return report
