@@ -17,13 +17,19 @@ extend made up to that moment. Its events:
   the record's text (systemd's CEL-JSON record from tpm2-measure.log);
 - a PCR-state marker (:data:`SIG_PCR_STATE`): EV_NO_ACTION (never extended), PCR n; the log
   cannot explain PCR n's value, and from this point PCR n holds the values the marker gives;
-- a not-measured marker (:data:`SIG_NOT_MEASURED`): EV_NO_ACTION, PCR 0: of the events after
-  the section (boundary first), only the first ``measured`` were extended into the TPM;
-- padding (:data:`SIG_PADDING`): EV_NO_ACTION, PCR 0, filling the section to its size.
+- a not-measured marker (:data:`SIG_NOT_MEASURED`): EV_NO_ACTION, PCR 4 (the boundary's): of
+  the events after the section (boundary first), only the first ``measured`` were extended
+  into the TPM;
+- padding (:data:`SIG_PADDING`): EV_NO_ACTION, PCR 0, filling the section to its size while
+  the payload runs; the kernel after the kexec never sees it (the section is written compactly
+  into the payload's copy of the log, and the copy's size field is lowered).
 
-EV_NO_ACTION events carry zero digests and are never extended (TCG PC Client PFP §10.4.1), so
-a replay that does not know these markers (tpm2_eventlog) is unchanged by them; the layout of
-their data follows the PFP's own EV_NO_ACTION events (a 16-byte NUL-padded signature first):
+EV_NO_ACTION events carry zero digests and are never extended (TCG PC Client PFP §10.4.1).
+Some replay tools extend them anyway (tpm2-tools before 5.6, fwupd): a marker therefore sits on
+the PCR it is about (PCR-state: a PCR the log cannot replay anyway; not-measured: the boundary's
+PCR 4, which the unmeasured boundary leaves unreplayable), so such a tool is wrong only where
+the log already says it cannot be right. The layout of their data follows the PFP's own
+EV_NO_ACTION events (a 16-byte NUL-padded signature first):
 
     PCR state:    signature "VmrunPcrState" · UINT32 reason · UINT32 numberOfDigests ·
                   numberOfDigests × { UINT16 algorithmId, UINT16 digestSize,
@@ -104,7 +110,7 @@ def pcr_state(state: PcrState, banks: Iterable[str]) -> T.Event:
 
 
 def not_measured(reason: int, measured: int, total: int, banks: Iterable[str]) -> T.Event:
-    return T.Event(0, T.EV_NO_ACTION, _zero(banks), SIG_NOT_MEASURED + struct.pack("<III", reason, measured, total))
+    return T.Event(BOUNDARY_PCR, T.EV_NO_ACTION, _zero(banks), SIG_NOT_MEASURED + struct.pack("<III", reason, measured, total))
 
 
 def boundary_event(banks: Iterable[str]) -> tuple[int, int, bytes, dict[str, bytes]]:
@@ -129,6 +135,14 @@ def build_section(events: list[T.Event], banks: Iterable[str], size: int) -> lis
     out = list(events) + [pad]
     assert sum(len(e.to_bytes()) for e in out) == size
     return out
+
+
+def fit_section(events: list[T.Event], size: int) -> list[T.Event]:
+    """``events`` unpadded, after checking they fit ``size`` bytes (raises SectionFull)."""
+    used = sum(len(e.to_bytes()) for e in events)
+    if used > size:
+        raise SectionFull(f"{used} bytes of carried events do not fit a {size}-byte section")
+    return list(events)
 
 
 def section_bytes(events: list[T.Event]) -> bytes:

@@ -341,23 +341,6 @@ class EventLog:
     def to_bytes(self) -> bytes:
         return bytes(self._raw)
 
-    def replace(self, offset: int, raw: bytes) -> None:
-        """Overwrite logged events starting at ``offset`` with ``raw``, which must hold whole
-        events covering exactly the bytes of the events it replaces (a measured kexec's carried
-        section, rewritten in place)."""
-        first = next(i for i, e in enumerate(self.events) if e.offset == offset)
-        end, last = offset, first
-        while end < offset + len(raw):
-            end += len(self.events[last].to_bytes())
-            last += 1
-        if end != offset + len(raw):
-            raise ValueError("the replacement does not cover whole events")
-        new = parse(bytes(self._raw[:offset]) + raw)[first:] if offset else None
-        if new is None:
-            raise ValueError("cannot replace the Spec ID event")
-        self._raw[offset:end] = raw
-        self.events[first:last] = new
-
     @classmethod
     def from_bytes(cls, data: bytes) -> "EventLog":
         events = parse(data)

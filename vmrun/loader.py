@@ -226,6 +226,9 @@ def finalize_measured() -> dict | None:
     if state == "extending":
         raise host.MeasuredError("an earlier finalize of this kexec was interrupted while extending the TPM: "
                                  "its PCRs are not known to match any log; load the payload again")
+    if state == "failed":
+        raise host.MeasuredError("an earlier finalize of this kexec extended the TPM but did not finish "
+                                 f"({(m.get('finalized') or {}).get('error')}); load the payload again")
     kept = rec.get("handoff")
     if not kept:
         raise host.MeasuredError("the measured handoff was not kept (see the load's log): the kexec cannot be "
@@ -242,15 +245,13 @@ def finalize_measured() -> dict | None:
     try:
         report = host.finalize(m, segments, h.entry,
                                load=lambda entry, segs: kexec.load_segments(entry, segs, name=name))
-    except host.TpmError as e:
+    except BaseException as e:
+        # an error with a report came after extends (a partial extend, a failed reload): never
+        # again for this load; any other came before the first extend
         report = getattr(e, "report", None)
-        m["state"] = "failed"
-        m["finalized"] = report or {"error": str(e)}
-        _write_record("normal", rec)
-        raise
-    except BaseException:
-        # nothing was extended unless the error says so (PartialExtend is a TpmError)
-        m["state"] = "staged"
+        m["state"] = "failed" if report is not None else "staged"
+        if report is not None:
+            m["finalized"] = report
         _write_record("normal", rec)
         raise
     m["state"] = "finalized"

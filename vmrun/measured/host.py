@@ -140,17 +140,21 @@ def mirror(snap: Snapshot, *, crash: bool):
     return Mirror(snap.banks, snap.pcrs, snap.firmware_log, section, snap.manufacturer)
 
 
-def _section(snap: Snapshot, marker: T.Event | None, size: int = KL.DEFAULT_SECTION_SIZE) -> list[T.Event]:
-    """The carried section of ``size`` bytes for ``snap``. When the records do not all fit, the
-    last ones are left out and the PCRs they would have explained get PCR-state markers
-    instead: the section may say less, never something false."""
+def _section(snap: Snapshot, marker: T.Event | None, size: int = KL.DEFAULT_SECTION_SIZE, *,
+             pad: bool = True) -> list[T.Event]:
+    """The carried section for ``snap``: exactly ``size`` bytes with ``pad``, else at most
+    ``size``. When the records do not all fit, the last ones are left out and the PCRs they
+    would have explained get PCR-state markers instead: the section may say less, never
+    something false."""
     tail = [marker] if marker is not None else []
     records = snap.records
     while True:
         expl = snap.explanation if records is snap.records else \
             explain(snap.firmware_events, records, snap.pcrs, snap.banks)
         try:
-            return KL.build_section(expl.section_events() + tail, snap.banks, size)
+            if pad:
+                return KL.build_section(expl.section_events() + tail, snap.banks, size)
+            return KL.fit_section(expl.section_events() + tail, size)
         except KL.SectionFull:
             if not records:
                 raise MeasuredError(f"the carried section ({size} bytes) cannot hold even the PCR "
@@ -175,31 +179,36 @@ def log_copy(result) -> tuple[int, int] | None:
 
 
 def finish_stage(result, snap: Snapshot, *, crash: bool) -> dict:
-    """Rewrite the section in the payload's copy of the log (with the number of events that
-    follow it), and return the plan for the handoff's metadata."""
+    """Write the section into the payload's copy of the log, compactly (the copy's size field is
+    lowered by the padding left out), saying how many events follow it unmeasured; set
+    ``result.event_log`` to the log the next kernel will read; return the plan for the
+    handoff's metadata."""
     tcg2 = result.firmware.tcg2
+    mem = tcg2.mem
     extends = tcg2.extends
     reason = KL.CRASH_KERNEL if crash else KL.NOT_FINALIZED
-    section = _section(snap, KL.not_measured(reason, 0, len(extends), snap.banks), tcg2.section_size)
-    blob = KL.section_bytes(section)
-    tcg2.mem.write(tcg2.log_addr + tcg2.section_offset, blob)
-    tcg2.log.replace(tcg2.section_offset, blob)
-    result.event_log = tcg2.log_bytes()
+    blob = KL.section_bytes(_section(snap, KL.not_measured(reason, 0, len(extends), snap.banks),
+                                     tcg2.section_size, pad=False))
+    off, reserve = tcg2.section_offset, tcg2.section_size
     copy = log_copy(result)
     where = None
-    if copy is not None:
+    if copy is None:
+        log.warning("measured.no_log_copy", why="the payload handed on no event log "
+                    "(no LINUX_EFI_TPM_EVENT_LOG table): the next kernel will have no firmware event log")
+    else:
         addr, size = copy
-        at = addr + tcg2.section_offset
-        head = tcg2.mem.read(addr, tcg2.section_offset)
-        if size >= tcg2.section_offset + tcg2.section_size and head == tcg2.log.to_bytes()[:tcg2.section_offset]:
-            tcg2.mem.write(at, blob)
-            where = {"log": hex(addr), "log_size": size, "section_paddr": hex(at), "section_size": len(blob)}
+        cur = mem.read(addr, size)
+        if size >= off + reserve and cur[:off] == tcg2.log.to_bytes()[:off]:
+            new = cur[:off] + blob + cur[off + reserve:]
+            mem.write(addr - LINUX_LOG_HEADER, struct.pack("<I", len(new)))
+            mem.write(addr, new + bytes(size - len(new)))
+            where = {"table": hex(addr - LINUX_LOG_HEADER), "capacity": size, "section_offset": off,
+                     "section_length": len(blob), "section_reserve": reserve}
+            preboot = struct.unpack("<I", mem.read(addr - LINUX_LOG_HEADER + 4, 4))[0]
+            result.event_log = new + b"".join(e.to_bytes() for e in tcg2.final_events[preboot:])
         else:
             log.warning("measured.log_copy_differs", address=hex(addr),
                         why="the payload's copy of the event log does not start with the firmware log")
-    else:
-        log.warning("measured.no_log_copy", why="the payload handed on no event log "
-                    "(no LINUX_EFI_TPM_EVENT_LOG table): the next kernel will have no firmware event log")
     return {
         "tpm": "host",
         "slot": "crash" if crash else "normal",
@@ -256,6 +265,32 @@ def patch_segments(segments, paddr: int, blob: bytes):
     return out
 
 
+def read_segments(segments, paddr: int, n: int) -> bytes:
+    """``n`` bytes at physical ``paddr`` as the handoff would load them (zeros past filesz)."""
+    for sg in segments:
+        if sg.paddr <= paddr and paddr + n <= sg.paddr + sg.memsz:
+            off = paddr - sg.paddr
+            data = bytes(sg.data[off:off + n])
+            return data + bytes(n - len(data))
+    raise MeasuredError(f"the event log at {paddr:#x} is in no segment of the handoff")
+
+
+def rewrite_log_copy(segments, copy: dict, blob: bytes):
+    """The segments with the log copy's section replaced by ``blob`` (and its size field)."""
+    table, capacity = int(copy["table"], 16), copy["capacity"]
+    cur = read_segments(segments, table, LINUX_LOG_HEADER + capacity)
+    size = struct.unpack_from("<I", cur)[0]
+    if size > capacity:
+        raise MeasuredError(f"the event log copy at {table:#x} says {size} bytes, more than its {capacity}")
+    body = cur[LINUX_LOG_HEADER:LINUX_LOG_HEADER + size]
+    off, old = copy["section_offset"], copy["section_length"]
+    new = body[:off] + blob + body[off + old:]
+    if len(blob) > copy["section_reserve"] or len(new) > capacity:
+        raise MeasuredError("the carried section outgrew the room the payload's log copy has")
+    patch = struct.pack("<I", len(new)) + cur[4:LINUX_LOG_HEADER] + new + bytes(capacity - len(new))
+    return patch_segments(segments, table, patch)
+
+
 def finalize(plan: dict, segments, entry: int, *, load, tpm: HostTpm | None = None) -> dict:
     """Extend the TPM with the planned events and load the handoff again with the final section.
     ``load(entry, segments)`` is kexec_load. Returns the report (also for `vmrun status`)."""
@@ -289,9 +324,15 @@ def finalize(plan: dict, segments, entry: int, *, load, tpm: HostTpm | None = No
     }
     copy = plan.get("log_copy")
     if copy:
-        section = _section(snap, marker, copy["section_size"])
-        segments = patch_segments(segments, int(copy["section_paddr"], 16), KL.section_bytes(section))
-        load(entry, segments)
+        blob = KL.section_bytes(_section(snap, marker, copy["section_reserve"], pad=False))
+        try:
+            load(entry, rewrite_log_copy(segments, copy, blob))
+        except VmrunError as e:
+            err = MeasuredError(f"the TPM was extended with {done} of {len(events)} events, but loading the "
+                                f"handoff with the final event log failed ({e}): the loaded image's log says "
+                                "they were not measured")
+            err.report = {**report, "error": str(err)}
+            raise err from None
         report["log"] = "rewritten"
     else:
         report["log"] = "none (the payload handed on no event log)"
