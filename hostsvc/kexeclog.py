@@ -181,6 +181,22 @@ def decode(ev: T.Event) -> dict | None:
     return None
 
 
+def describe(info: dict) -> str:
+    """One line for ``vmrun eventlog``."""
+    k = info["kind"]
+    if k == "pcr_state":
+        held = ", ".join(f"{b} {v[:16]}…" for b, v in info["tpm"].items())
+        return f"vmrun PCR state: PCR {info['pcr']} {info['reason']}; from here the TPM holds {held}"
+    if k == "not_measured":
+        return (f"vmrun not measured ({info['reason']}): of the {info['total']} events after the boundary "
+                f"(itself included), the TPM has the first {info['measured']}")
+    if k == "padding":
+        return f"vmrun padding ({info['bytes']} bytes)"
+    if k == "boundary":
+        return f"vmrun kexec boundary {BOUNDARY_DATA.decode()!r}"
+    return f"vmrun carried userspace record: {info['record']}"
+
+
 def replay_with_markers(events: Iterable[T.Event], banks: Iterable[str]) -> dict[str, dict[int, bytes]]:
     """A replay that honours PCR-state markers (from a marker on, the PCR holds the marker's
     TPM value) — what a verifier that knows this format computes. EV_NO_ACTION events are

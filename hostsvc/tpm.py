@@ -543,6 +543,10 @@ def _ucs2(b: bytes) -> str:
 
 def describe_event_data(ev: Event) -> str:
     d, t = ev.data, ev.event_type
+    from hostsvc import kexeclog   # its events are built from this module's
+    info = kexeclog.decode(ev)
+    if info is not None:
+        return kexeclog.describe(info)
     try:
         if ev.sha1_format and d[:16] == SPEC_ID_SIGNATURE:
             s = SpecId.parse(d)

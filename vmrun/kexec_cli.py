@@ -554,7 +554,8 @@ def run(r: Request, *, debug: bool = False) -> int:
         if svc is not None:
             _call(svc, "Exec", {})
         else:
-            from vmrun import kexec
+            from vmrun import kexec, loader
+            loader.finalize_measured()   # a measured kexec: extend the TPM, reload with the final log
             kexec.execute()
     return 0
 

@@ -158,11 +158,32 @@ def format_status(st: dict) -> str:
             for bank, vals in (rec.get("pcrs") or {}).items():
                 shown = sorted((int(i), v) for i, v in vals.items() if int(i) in SUMMARY_PCRS)
                 lines.append(f"  pcrs:     {bank}: " + ", ".join(f"{i}={v[:16]}…" for i, v in shown))
+            m = rec.get("measured")
+            if m:
+                lines.append("  measured: " + _measured_line(m))
+                unexplained = (m.get("finalized") or {}).get("unexplained", m["at_stage"]["unexplained"])
+                for u in unexplained:
+                    lines.append(f"            PCR {u['pcr']}: {u['reason']} (the log cannot replay it; marked in it)")
         elif s.get("note"):
             lines.append(f"  {s['note']}")
         for why in s["stale"]:
             lines.append(f"  STALE:    {why}")
     return "\n".join(lines) + "\n"
+
+
+def _measured_line(m: dict) -> str:
+    n = len(m.get("extends", []))
+    if m.get("slot") == "crash":
+        return (f"host TPM ({', '.join(m['banks'])}); a crash kernel is never measured: its log says so "
+                f"before its {n} events")
+    state = m.get("state", "staged")
+    if state == "finalized":
+        f = m.get("finalized") or {}
+        return f"host TPM: extended {f.get('extended')} of {f.get('total')} events at {f.get('finalized_at')}"
+    if state == "failed":
+        return f"host TPM: FAILED ({(m.get('finalized') or {}).get('error')})"
+    return (f"host TPM ({', '.join(m['banks'])}): {n} events to extend just before the kexec "
+            "(vmrun exec, vmrun kexec -e, or systemd's shutdown hook)")
 
 
 def load_file(path: pathlib.Path, *, crash: bool) -> dict:

@@ -216,6 +216,7 @@ def finish_stage(result, snap: Snapshot, *, crash: bool) -> dict:
         "banks": list(snap.banks),
         "firmware_log_sha256": snap.firmware_log_sha256,
         "log_copy": where,
+        "final_events_table": hex(tcg2.final_addr),
         "boundary": {"pcr": KL.BOUNDARY_PCR, "type": T.event_type_name(KL.BOUNDARY_TYPE),
                      "data": KL.BOUNDARY_DATA.decode()},
         "extends": [{"pcr": pcr, "type": T.event_type_name(etype), "digests": {b: d.hex() for b, d in dg.items()}}
