@@ -240,11 +240,6 @@ def pcrlock(plan: dict) -> dict:
 
 # --- just before the kexec ----------------------------------------------------------------
 
-class AlreadyFinalized(MeasuredError):
-    exit_code = 66
-    kind = "measured_already"
-
-
 def patch_segments(segments, paddr: int, blob: bytes):
     """The segments with ``blob`` written at physical ``paddr`` (which must lie inside one)."""
     from vmrun.handoff.elf import LoadSegment
