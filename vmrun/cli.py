@@ -460,12 +460,16 @@ def _print_measured(plan: dict | None) -> None:
 
 
 @cli.command(name="exec")
-def exec_():
+@click.option("--unmeasured", is_flag=True,
+              help="Do not extend the TPM for a measured kexec: the next kernel's log says the kexec "
+                   "was not measured (README \"Measured kexec\").")
+def exec_(unmeasured):
     """Reboot into the loaded handoff now (like kexec -e); a measured kexec is finalized first."""
     from vmrun import kexec, loader
-    report = loader.finalize_measured()
-    if report:
-        _print_finalized(report)
+    if not unmeasured:
+        report = loader.finalize_measured()
+        if report:
+            _print_finalized(report)
     kexec.execute()
 
 

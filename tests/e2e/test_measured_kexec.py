@@ -119,6 +119,8 @@ def test_measured_kexec_log_replays_to_the_tpm(bookworm_kernel, payload_cache, t
     assert set(tpm) == set(banks), tpm.keys()
     path = tmp_path / "next.log"
     path.write_bytes(log)
+    (tmp_path / "next-tpm.json").write_text(json.dumps({b: {i: v.hex() for i, v in vals.items()}
+                                                        for b, vals in tpm.items()}, indent=1))
     replayed, text = tpm2_eventlog_pcrs(path)
     events = HT.parse(log)
 
