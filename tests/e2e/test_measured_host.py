@@ -19,12 +19,11 @@ import pytest
 from hostsvc import kexeclog as KL
 from hostsvc import tpm as T
 from vmrun import kexec
-from vmrun.errors import VmrunError
 from vmrun.handoff import elf
 from vmrun.measured import host
 from vmrun.measured.hosttpm import HostTpm, PartialExtend
 from tests.unit.test_hosttpm import swtpm, tcti  # noqa: F401 - fixtures
-from tests.unit.test_tpm import tpm2_eventlog_pcrs
+from tests.unit.test_tpm import pcr_listing, tpm2_eventlog_pcrs
 
 pytestmark = [pytest.mark.payloads]
 
@@ -40,16 +39,7 @@ def _extend_tool(tcti: str, pcr: int, digests: dict[str, bytes]) -> None:
 def _pcrread(tcti: str) -> dict[str, dict[int, bytes]]:
     out = subprocess.run(["tpm2_pcrread", "-T", tcti, "+".join(f"{b}:all" for b in BANKS)], check=True,
                          capture_output=True, text=True, timeout=30).stdout
-    vals: dict[str, dict[int, bytes]] = {}
-    bank = None
-    for line in out.splitlines():
-        if line.strip().endswith(":") and line.strip()[:-1] in BANKS:
-            bank = line.strip()[:-1]
-            vals[bank] = {}
-        elif bank and ":" in line:
-            i, v = line.split(":")
-            vals[bank][int(i)] = bytes.fromhex(v.strip()[2:])
-    return vals
+    return pcr_listing(out)
 
 
 @pytest.fixture

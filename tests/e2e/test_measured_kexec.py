@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from tests.e2e import ovmf_tpm
 from tests.e2e import qemu as Q
 from tests.e2e import target as T
 from tests.e2e.uki import build_uki
-from tests.unit.test_tpm import tpm2_eventlog_pcrs
+from tests.unit.test_tpm import pcr_listing, tpm2_eventlog_pcrs
 
 pytestmark = [pytest.mark.slow, pytest.mark.payloads]
 
@@ -60,20 +58,10 @@ def _reference(serial: str, after: str):
 
 
 def _pcrread(serial: str, step: str) -> dict[str, dict[int, str]]:
+    """What `tpm2_pcrread` printed in ``step``: bank -> PCR -> hex."""
     text, rc = T.step_output(serial, step)
     assert rc == 0, text
-    out: dict[str, dict[int, str]] = {}
-    bank = None
-    for line in text.splitlines():
-        m = re.match(r"\s*(sha\d+):\s*$", line)
-        if m:
-            bank = m.group(1)
-            out[bank] = {}
-            continue
-        m = re.match(r"\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)", line)
-        if m and bank:
-            out[bank][int(m.group(1))] = m.group(2).lower()
-    return out
+    return {b: {i: v.hex() for i, v in vals.items()} for b, vals in pcr_listing(text).items()}
 
 
 def _markers(events) -> list[tuple[int, dict]]:

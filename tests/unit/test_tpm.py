@@ -20,6 +20,23 @@ ALL4 = ("sha1", "sha256", "sha384", "sha512")
 
 # --- independent references -------------------------------------------------------------------
 
+def pcr_listing(text: str) -> dict[str, dict[int, bytes]]:
+    """PCR values from tpm2-tools' YAML listing ("  sha256:" then "    4 : 0x…" lines), as
+    tpm2_pcrread prints it and tpm2_eventlog's 'pcrs:' section."""
+    pcrs: dict[str, dict[int, bytes]] = {}
+    bank = None
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\w+):\s*$", line)
+        if m:
+            bank = m.group(1)
+            pcrs[bank] = {}
+            continue
+        m = re.match(r"^\s*(\d+)\s*:\s*0x([0-9a-fA-F]+)\s*$", line)
+        if m and bank:
+            pcrs[bank][int(m.group(1))] = bytes.fromhex(m.group(2))
+    return pcrs
+
+
 def tpm2_eventlog_pcrs(path) -> dict[str, dict[int, bytes]]:
     """PCR values replayed by tpm2-tools' tpm2_eventlog (YAML 'pcrs:' section)."""
     exe = shutil.which("tpm2_eventlog")
@@ -29,18 +46,7 @@ def tpm2_eventlog_pcrs(path) -> dict[str, dict[int, bytes]]:
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "\npcrs:\n" in text, text[-2000:]
-    pcrs: dict[str, dict[int, bytes]] = {}
-    bank = None
-    for line in text.split("\npcrs:\n", 1)[1].splitlines():
-        m = re.match(r"^  (\w+):$", line)
-        if m:
-            bank = m.group(1)
-            pcrs[bank] = {}
-            continue
-        m = re.match(r"^    (\d+)\s*: 0x([0-9a-fA-F]+)$", line)
-        if m and bank:
-            pcrs[bank][int(m.group(1))] = bytes.fromhex(m.group(2))
-    return pcrs, text
+    return pcr_listing(text.split("\npcrs:\n", 1)[1]), text
 
 
 def chain(alg: str, start: bytes, digests) -> bytes:
