@@ -112,7 +112,7 @@ def steps_script(steps: list[T.Step]) -> str:
     return "\n".join(lines)
 
 
-def systemd_init(modules: list[str], *, enable: list[str], mask=MASK) -> str:
+def systemd_init(modules: list[str], *, enable: list[str], mask=MASK, shutdown_hooks: bool = False) -> str:
     """The /init: :func:`target.setup_lines`, the new root, vmrun's units, switch_root."""
     q = shlex.quote
     r = NEWROOT
@@ -135,6 +135,8 @@ def systemd_init(modules: list[str], *, enable: list[str], mask=MASK) -> str:
                   f"{r}/var/lib {r}/var/log {r}/var/cache {r}/var/spool {r}/var/tmp "
                   f"{r}/tmp && chmod 1777 {r}/var/tmp {r}/tmp && ln -s /run {r}/var/run && "
                   f"ln -s /run/lock {r}/var/lock && cp -a {Q.GUEST_HOSTROOT}/etc {r}/etc")
+    if shutdown_hooks:
+        setup("shutdown-hooks", f"mount -t tmpfs -o mode=0755 tmpfs {r}/usr/lib/systemd/system-shutdown")
     setup("files", f"find /rootfs -type f | xargs chmod 0644 && cp -a /rootfs/. {r}/")
     setup("mounts", f"mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs {r}/run && mount --move /dev {r}/dev && "
                     f"mount --move /proc {r}/proc && mount --move /sys {r}/sys")
@@ -157,7 +159,8 @@ def systemd_init(modules: list[str], *, enable: list[str], mask=MASK) -> str:
 
 def systemd_boot(kernel: Path, steps: list[T.Step], *, root_files: dict[str, Path | bytes] | None = None,
                  enable=("vmrun.socket",), cpu: str = "la57", append: str = "", timeout: float = 240,
-                 until: str | None = None, fail: str | None = FAIL_PATTERN, **kw) -> Q.QemuResult:
+                 until: str | None = None, fail: str | None = FAIL_PATTERN, shutdown_hooks: bool = False,
+                 **kw) -> Q.QemuResult:
     """Boot ``kernel`` as a UEFI target with systemd as PID 1 (see the module) and run
     ``steps`` from vmrun-test.service; ``root_files``: guest path -> file or bytes, put into the
     root before systemd starts; ``enable``: units enabled with ``systemctl enable``;
@@ -177,6 +180,6 @@ def systemd_boot(kernel: Path, steps: list[T.Step], *, root_files: dict[str, Pat
         dropin = "[Service]\n" + "".join(f"BindReadOnlyPaths={t}\n" for t in hidden)
         for unit in ("vmrun.service", "vmrun-kdump.service"):
             files[f"rootfs/etc/systemd/system/{unit}.d/checkout-in-tmp.conf"] = dropin.encode()
-    init = systemd_init([m.name for m in T.target_modules(kernel)], enable=list(enable))
+    init = systemd_init([m.name for m in T.target_modules(kernel)], enable=list(enable), shutdown_hooks=shutdown_hooks)
     return T.boot_init(kernel, init, files=files, cpu=cpu, append=f"{APPEND} {append}".strip(), timeout=timeout,
                        until=until, fail=fail, serial_text=Q.clean_console, **kw)

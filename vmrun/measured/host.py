@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
-import os
-import pathlib
 import struct
 from dataclasses import dataclass
 
