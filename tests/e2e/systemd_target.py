@@ -21,6 +21,17 @@ for systemd and hands over:
   ``vmrun-test.target`` the default, with the symlinks ``systemctl mask``/``set-default`` make;
 - ``exec switch_root /newroot /lib/systemd/systemd``: Debian's systemd 252 of this machine.
 
+``shutdown_hooks=True`` gives a root in which systemd-shutdown's hooks can run, as on a machine
+whose / and /usr are on a local disk. systemd-shutdown runs the programs in
+/usr/lib/systemd/system-shutdown/ only after unmounting what it can (systemd 252's shutdown.c);
+Debian's build (split-usr) keeps nothing but / and what is under /run/initramfs, and it unmounts
+with ``MNT_FORCE``, which makes 9p abandon its connection (``v9fs_umount_begin``): every bind
+of the share, /usr included, answers EIO from then on, so no hook could even start its shell.
+So the share is bound at :data:`SHARE` (under /run/initramfs, which systemd leaves mounted "from
+before we boot until after we shutdown"), /usr and the other :data:`RO_TREES` are symlinks into
+it, and a tmpfs over its usr/lib/systemd/system-shutdown is where install-units writes vmrun's
+hook (the share is read-only).
+
 ``vmrun-test.service`` (Type=oneshot, After=multi-user.target, output on /dev/console) runs the
 steps with :func:`target.step_lines` (each ``/bin/sh -c COMMAND``, with the same markers as the
 chroot runner), then ``poweroff`` (orderly). A step that ends the system (``systemctl kexec``,
@@ -45,6 +56,8 @@ NEWROOT = "/newroot"
 VMRUN_BIN = str(Path(sys.executable).parent / "vmrun")   # what install-units writes into the units
 INSTALL_UNITS = str(Q.REPO / "scripts" / "install-units")
 TEST_TARGET = "vmrun-test.target"
+# With shutdown_hooks: where the share stays mounted until systemd-shutdown's hooks have run
+SHARE = "/run/initramfs/host"
 
 
 def _ro_trees() -> tuple[str, ...]:
@@ -127,27 +140,38 @@ def systemd_init(modules: list[str], *, enable: list[str], mask=MASK, shutdown_h
                       f"{command} || {{ echo '{name} failed'; {fail}; }}"])
 
     # the root: a tmpfs with this machine's /usr and vmrun's trees bound read-only, the usr-merge
-    # symlinks, a copy of its /etc, an empty /var (systemd-tmpfiles fills it in)
-    binds = " && ".join(f"mkdir -p {r}{q(d)} && mount --bind {Q.GUEST_HOSTROOT}{q(d)} {r}{q(d)}" for d in RO_TREES)
+    # symlinks, a copy of its /etc, an empty /var (systemd-tmpfiles fills it in). With
+    # ``shutdown_hooks`` the trees are symlinks into the share kept at SHARE instead (see the module)
+    if shutdown_hooks:
+        hooks = f"{r}{SHARE}/usr/lib/systemd/system-shutdown"
+        trees = " && ".join(f"mkdir -p {r}{q(str(Path(d).parent))} && ln -s {SHARE}{q(d)} {r}{q(d)}" for d in RO_TREES)
+        trees = (f"mkdir -p {r}/run && mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs {r}/run && "
+                 f"mkdir -p {r}{SHARE} && mount --bind {Q.GUEST_HOSTROOT} {r}{SHARE} && "
+                 f"mount -t tmpfs -o mode=0755 tmpfs {hooks} && {trees}")
+    else:
+        trees = " && ".join(f"mkdir -p {r}{q(d)} && mount --bind {Q.GUEST_HOSTROOT}{q(d)} {r}{q(d)}" for d in RO_TREES)
     links = " && ".join(f"ln -s usr/{d} {r}/{d}" for d in ("bin", "sbin", "lib", "lib64"))
-    setup("root", f"mkdir -p {r} && mount -t tmpfs -o mode=0755 tmpfs {r} && {binds} && {links} && "
+    setup("root", f"mkdir -p {r} && mount -t tmpfs -o mode=0755 tmpfs {r} && {trees} && {links} && "
                   f"mkdir -p {r}/dev {r}/proc {r}/sys {r}/run {r}/boot {r}/mnt {r}/media {r}/srv "
                   f"{r}/var/lib {r}/var/log {r}/var/cache {r}/var/spool {r}/var/tmp "
                   f"{r}/tmp && chmod 1777 {r}/var/tmp {r}/tmp && ln -s /run {r}/var/run && "
                   f"ln -s /run/lock {r}/var/lock && cp -a {Q.GUEST_HOSTROOT}/etc {r}/etc")
-    if shutdown_hooks:
-        setup("shutdown-hooks", f"mount -t tmpfs -o mode=0755 tmpfs {r}/usr/lib/systemd/system-shutdown")
     setup("files", f"find /rootfs -type f | xargs chmod 0644 && cp -a /rootfs/. {r}/")
-    setup("mounts", f"mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs {r}/run && mount --move /dev {r}/dev && "
-                    f"mount --move /proc {r}/proc && mount --move /sys {r}/sys")
+    run = "" if shutdown_hooks else f"mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs {r}/run && "
+    setup("mounts", f"{run}mount --move /dev {r}/dev && mount --move /proc {r}/proc && mount --move /sys {r}/sys")
     chroot = f"chroot {r} /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin"
     setup("install-units", f"{chroot} /usr/bin/python3 {q(INSTALL_UNITS)} --vmrun {q(VMRUN_BIN)} 2>&1")
     if enable:
         setup("enable", f"{chroot} systemctl enable {' '.join(map(q, enable))} 2>&1")
     # what `systemctl mask` and `systemctl set-default` write (each systemctl run loads every unit)
     units = f"{r}/etc/systemd/system"
-    setup("mask", " && ".join([*(f"ln -sf /dev/null {units}/{q(u)}" for u in mask),
-                               f"ln -sf {TEST_TARGET} {units}/default.target"]))
+    masks = [*(f"ln -sf /dev/null {units}/{q(u)}" for u in mask), f"ln -sf {TEST_TARGET} {units}/default.target"]
+    if shutdown_hooks:
+        # systemd-gpt-auto-generator looks for the block device behind / and /usr, and fails
+        # ("exit status 1") where /usr is a symlink: there is no such device to find here
+        generators = f"{r}/etc/systemd/system-generators"
+        masks += [f"mkdir -p {generators}", f"ln -sf /dev/null {generators}/systemd-gpt-auto-generator"]
+    setup("mask", " && ".join(masks))
     lines += [
         'echo "VMRUN-SYSTEMD-SWITCH $(up)s"',
         f"exec switch_root {r} /lib/systemd/systemd",
@@ -164,8 +188,9 @@ def systemd_boot(kernel: Path, steps: list[T.Step], *, root_files: dict[str, Pat
     """Boot ``kernel`` as a UEFI target with systemd as PID 1 (see the module) and run
     ``steps`` from vmrun-test.service; ``root_files``: guest path -> file or bytes, put into the
     root before systemd starts; ``enable``: units enabled with ``systemctl enable``;
-    ``append``: more kernel command line. One bounded boot (:func:`target.boot_init`): stops at
-    ``until``, ``fail``, QEMU's exit or ``timeout``."""
+    ``append``: more kernel command line; ``shutdown_hooks``: the root in which
+    systemd-shutdown's hooks run (see the module). One bounded boot (:func:`target.boot_init`,
+    which takes ``tpm=True`` for a TPM): stops at ``until``, ``fail``, QEMU's exit or ``timeout``."""
     files: dict[str, Path | bytes] = {
         "rootfs/etc/vmrun-test/steps.sh": steps_script(steps).encode(),
         "rootfs/etc/systemd/system/vmrun-test.service": TEST_UNIT.encode(),

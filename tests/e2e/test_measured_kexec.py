@@ -88,7 +88,9 @@ def test_measured_kexec_log_replays_to_the_tpm(bookworm_kernel, payload_cache, t
         T.Step("pcrlock", "cat /run/kexec.pcrlock"),
         T.Step("late", f"{RECORD} --pcr 11 --string shutdown --event-type phase"),
         T.Step("before", PCRREAD),
-        T.Step("exec", f"{T.VMRUN} -q exec"),
+        T.Step("finalize", f"{T.VMRUN} -q finalize --json"),
+        T.Step("status", f"{T.VMRUN} -q status --json"),
+        T.Step("exec", f"{T.VMRUN} -q exec"),   # finalized already: extends nothing again
     ], cpu="la57", tpm=True, timeout=420)
     assert not r.failed and not r.timed_out, str(r)
     load = _json(r.serial, "load")
@@ -101,6 +103,11 @@ def test_measured_kexec_log_replays_to_the_tpm(bookworm_kernel, payload_cache, t
     pcrlock = json.loads(T.step_output(r.serial, "pcrlock")[0].strip())
     assert pcrlock["records"][0]["pcr"] == KL.BOUNDARY_PCR and len(pcrlock["records"]) == len(plan["extends"])
 
+    report = _json(r.serial, "finalize")
+    assert report["extended"] == report["total"] == len(plan["extends"]) and report["mismatch"] == [], report
+    assert [c["pcr"] for c in report["carried"]] == [15, 11], report   # the late record is carried now
+    rec = _json(r.serial, "status")["normal"]["record"]
+    assert rec["measured"]["state"] == "finalized" and rec["handoff"]["path"].endswith("normal.handoff"), rec
     exec_text, _ = T.step_output(r.serial, "exec")
     assert re.search(rf"extended {len(plan['extends'])} of {len(plan['extends'])} events", exec_text), exec_text
     tpm, log = _reference(r.serial, "VMRUN-STEP-BEGIN exec")

@@ -360,6 +360,12 @@ def test_install_units_renders_verifiable_units(tmp_path):
     kd = (units / "vmrun-kdump.service").read_text()
     assert f"ExecStart={VMRUN} kdump-arm" in kd and f"ExecStop={VMRUN} unload --crash" in kd
     assert (tmp_path / "etc" / "vmrun" / "vmrun.conf.example").exists()
+    # the system-shutdown hook that finalizes a measured kexec, executable where systemd-shutdown looks
+    hook = tmp_path / "usr" / "lib" / "systemd" / "system-shutdown" / "vmrun.shutdown"
+    assert hook.is_file() and hook.stat().st_mode & 0o777 == 0o755, oct(hook.stat().st_mode)
+    text = hook.read_text()
+    assert text.startswith("#!/bin/sh\n") and "@VMRUN@" not in text, text
+    assert f"{VMRUN} finalize --if-kexec" in text, text
     # the example configuration is valid as it is
     from vmrun.service.config import load_config
     load_config(tmp_path / "etc" / "vmrun" / "vmrun.conf.example")
