@@ -9,8 +9,9 @@ then the kexec boundary, then the payload's own measurements::
     [the payload's measurements: PCR 4 images, 9, 11, 12, 13, PCR 5 ExitBootServices, …]
 
 The section is written when the payload is staged and rewritten in the frozen image just
-before the kexec (the payload's copy of the log keeps its size), so it can describe every
-extend made up to that moment. Its events:
+before the kexec (in the payload's copy of the log, whose size field follows), so it can
+describe every extend made up to that moment. PCR-state markers for PCRs changed after that
+(a second finalize) go at the end of the EFI final events table, which the kernel reads last. Its events:
 
 - a carried userspace record: PCR n, EV_EVENT_TAG, TCG_PCClientTaggedEvent with
   taggedEventID :data:`CARRIED_RECORD_TAG`; the digests are the record's, the tagged data is
@@ -20,6 +21,9 @@ extend made up to that moment. Its events:
 - a not-measured marker (:data:`SIG_NOT_MEASURED`): EV_NO_ACTION, PCR 4 (the boundary's): of
   the events after the section (boundary first), only the first ``measured`` were extended
   into the TPM;
+- an unlogged-extends marker (:data:`SIG_UNLOGGED`): EV_NO_ACTION, PCR n: ``count`` of the
+  payload's extends of PCR n (after the boundary) are in the TPM but not in this log (the
+  payload asked EFI_TCG2_EXTEND_ONLY, or the log area or the final events table was full);
 - padding (:data:`SIG_PADDING`): EV_NO_ACTION, PCR 0, filling the section to its size while
   the payload runs; the kernel after the kexec never sees it (the section is written compactly
   into the payload's copy of the log, and the copy's size field is lowered).
@@ -35,6 +39,7 @@ EV_NO_ACTION events (a 16-byte NUL-padded signature first):
                   numberOfDigests × { UINT16 algorithmId, UINT16 digestSize,
                                       BYTE logValue[digestSize], BYTE tpmValue[digestSize] }
     not measured: signature "VmrunUnmeasured" · UINT32 reason · UINT32 measured · UINT32 total
+    unlogged:     signature "VmrunUnlogged" · UINT32 count
     padding:      signature "VmrunPadding" · zero bytes
 
 All integers little-endian, as the rest of the log.
@@ -57,11 +62,13 @@ CARRIED_RECORD_TAG = 0x564D5201          # "VMR" 1
 SIG_PCR_STATE = b"VmrunPcrState\0\0\0"
 SIG_NOT_MEASURED = b"VmrunUnmeasured\0"
 SIG_PADDING = b"VmrunPadding\0\0\0\0"
+SIG_UNLOGGED = b"VmrunUnlogged\0\0\0"
 
 # PCR-state reasons
 UNEXPLAINED = 1      # extends with no record (or records that do not add up)
 IMA = 2              # PCR 10: IMA's own measurement list, not carried into this log
-STATE_REASONS = {UNEXPLAINED: "unexplained", IMA: "ima"}
+LATE = 3             # changed after the kexec was finalized (at the end of the final events table)
+STATE_REASONS = {UNEXPLAINED: "unexplained", IMA: "ima", LATE: "after_finalize"}
 
 # not-measured reasons
 NOT_FINALIZED = 1    # kexec'd without vmrun extending the TPM (e.g. `kexec -e` alone)
@@ -111,6 +118,10 @@ def pcr_state(state: PcrState, banks: Iterable[str]) -> T.Event:
 
 def not_measured(reason: int, measured: int, total: int, banks: Iterable[str]) -> T.Event:
     return T.Event(BOUNDARY_PCR, T.EV_NO_ACTION, _zero(banks), SIG_NOT_MEASURED + struct.pack("<III", reason, measured, total))
+
+
+def unlogged(pcr: int, count: int, banks: Iterable[str]) -> T.Event:
+    return T.Event(pcr, T.EV_NO_ACTION, _zero(banks), SIG_UNLOGGED + struct.pack("<I", count))
 
 
 def boundary_event(banks: Iterable[str]) -> tuple[int, int, bytes, dict[str, bytes]]:
@@ -172,6 +183,8 @@ def decode(ev: T.Event) -> dict | None:
         reason, measured, total = struct.unpack_from("<III", d, 16)
         return {"kind": "not_measured", "reason": NOT_MEASURED_REASONS.get(reason, str(reason)),
                 "measured": measured, "total": total}
+    if ev.event_type == T.EV_NO_ACTION and d[:16] == SIG_UNLOGGED and len(d) >= 20:
+        return {"kind": "unlogged", "pcr": ev.pcr, "count": struct.unpack_from("<I", d, 16)[0]}
     if ev.event_type == T.EV_NO_ACTION and d[:16] == SIG_PADDING:
         return {"kind": "padding", "bytes": len(d)}
     if ev.event_type == BOUNDARY_TYPE and ev.pcr == BOUNDARY_PCR and d == BOUNDARY_DATA:
@@ -190,6 +203,8 @@ def describe(info: dict) -> str:
     if k == "not_measured":
         return (f"vmrun not measured ({info['reason']}): of the {info['total']} events after the boundary "
                 f"(itself included), the TPM has the first {info['measured']}")
+    if k == "unlogged":
+        return f"vmrun unlogged: {info['count']} extend(s) of PCR {info['pcr']} after the boundary are not in this log"
     if k == "padding":
         return f"vmrun padding ({info['bytes']} bytes)"
     if k == "boundary":

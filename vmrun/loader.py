@@ -15,10 +15,12 @@ stale: its ELF core header lists the RAM of the moment it was armed).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 
 import structlog
 
@@ -76,14 +78,23 @@ def record(slot: str, metadata: dict, source: dict, handoff: dict | None = None)
     _write_record(slot, entry)
 
 
-def _write_record(slot: str, entry: dict) -> None:
+def _write_record(slot: str, entry: dict, *, strict: bool = False) -> None:
+    """Write the slot's record atomically; a failure is logged, or with ``strict`` raised (the
+    measured-kexec state that must be on record before the TPM is extended)."""
     try:
         d = state_dir()
         d.mkdir(parents=True, exist_ok=True, mode=0o755)
         tmp = d / f".{slot}.json.{os.getpid()}"
-        tmp.write_text(json.dumps(entry, indent=2, sort_keys=True) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(entry, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, d / f"{slot}.json")
     except OSError as e:
+        if strict:
+            from vmrun.measured.host import MeasuredError
+            raise MeasuredError(f"cannot record the measured kexec's state in {state_dir()} ({e.strerror}): "
+                                "nothing was extended") from None
         log.warning("status.record_failed", slot=slot, error=str(e))
 
 
@@ -188,12 +199,14 @@ def _measured_line(m: dict) -> str:
 
 def load_file(path: pathlib.Path, *, crash: bool) -> dict:
     """``vmrun load STAGED``: the file flow, with its memory-map check. A measured handoff is
-    loaded as staged (its log says the kexec was not measured) and finalized before the kexec
-    from the same file (its digest is recorded)."""
+    loaded as staged (its log says the kexec was not measured) and copied to the state folder
+    (``normal.handoff``), from which it is finalized before the kexec."""
     meta = kexec.load(path, crash=crash)
     kept = None
     if meta.get("measured") and not crash:
-        kept = {"path": str(pathlib.Path(path).resolve()), "sha256": _file_sha256(path)}
+        kept = _keep_handoff(lambda tmp: shutil.copyfile(path, tmp))
+    elif not crash:
+        _drop_handoff()
     record("crash" if crash else "normal", meta, {"kind": "staged file", "path": str(path)}, kept)
     return meta
 
@@ -204,21 +217,45 @@ def load_handoff(handoff, *, crash: bool, source: dict) -> dict:
     kexec.load_segments(handoff.entry, handoff.segments, crash=crash,
                         name=handoff.metadata.get("payload", {}).get("name", "the payload"))
     kept = None
-    slot = "crash" if crash else "normal"
     if handoff.metadata.get("measured") and not crash:
-        path = state_dir() / f"{slot}.handoff"
-        try:
-            state_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            handoff.write(tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-            kept = {"path": str(path), "sha256": _file_sha256(path)}
-        except OSError as e:
-            log.warning("measured.handoff_not_kept", path=str(path), error=str(e),
-                        why="the kexec cannot be measured; its log says so")
-    record(slot, handoff.metadata, source, kept)
+        kept = _keep_handoff(handoff.write)
+    elif not crash:
+        _drop_handoff()
+    record("crash" if crash else "normal", handoff.metadata, source, kept)
     return handoff.metadata
+
+
+def _handoff_path() -> pathlib.Path:
+    return state_dir() / "normal.handoff"
+
+
+def _keep_handoff(write) -> dict | None:
+    """The measured handoff in the state folder (mode 0600 from the start; /run stays mounted
+    until systemd-shutdown's hooks have run), or None when it cannot be written (logged: the
+    kexec then cannot be measured, and its log says so)."""
+    path = _handoff_path()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        state_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        write(tmp)
+        os.replace(tmp, path)
+        return {"path": str(path), "sha256": _file_sha256(path)}
+    except OSError as e:
+        log.warning("measured.handoff_not_kept", path=str(path), error=str(e),
+                    why="the kexec cannot be measured; its log says so")
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def _drop_handoff() -> None:
+    try:
+        _handoff_path().unlink()
+    except OSError:
+        pass
 
 
 def _file_sha256(path) -> str:
@@ -232,18 +269,32 @@ def _file_sha256(path) -> str:
 def finalize_measured() -> dict | None:
     """Finish a measured kexec just before it happens: extend the TPM with the loaded payload's
     measurements and reload it with the final event log (vmrun.measured.host.finalize). None
-    when the normal slot holds no measured kexec of this boot; the earlier report when it was
-    finalized already (nothing is extended twice)."""
-    from vmrun.handoff import elf
+    when the normal slot holds no measured kexec of this boot. When it was finalized already,
+    nothing is extended again: PCRs changed since are marked at the end of the log
+    (host.late_changes). One finalize at a time (a lock in the state folder); the state is
+    written (and must be) before the first extend."""
     from vmrun.measured import host
+
+    try:
+        state_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
+        lock = os.open(state_dir() / "normal.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise host.MeasuredError(f"cannot lock {state_dir()}/normal.lock: {e.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _finalize_locked(host)
+    finally:
+        os.close(lock)
+
+
+def _finalize_locked(host) -> dict | None:
+    from vmrun.handoff import elf
 
     rec = _recorded("normal")
     if not rec or not rec.get("measured") or not kexec.loaded():
         return None
     m = rec["measured"]
     state = m.get("state")
-    if state == "finalized":
-        return m.get("finalized")
     if state == "extending":
         raise host.MeasuredError("an earlier finalize of this kexec was interrupted while extending the TPM: "
                                  "its PCRs are not known to match any log; load the payload again")
@@ -255,20 +306,32 @@ def finalize_measured() -> dict | None:
         raise host.MeasuredError("the measured handoff was not kept (see the load's log): the kexec cannot be "
                                  "measured; load the payload again")
     path = pathlib.Path(kept["path"])
-    if _file_sha256(path) != kept["sha256"]:
-        raise host.MeasuredError(f"{path} changed since it was loaded: load it again")
+    try:
+        changed = _file_sha256(path) != kept["sha256"]
+    except OSError as e:
+        raise host.MeasuredError(f"cannot read the kept handoff {path}: {e.strerror}") from None
+    if changed:
+        raise host.MeasuredError(f"{path} changed since it was loaded: load the payload again")
     data, h = kexec.read_handoff(path)
     view = memoryview(data)
     segments = [elf.LoadSegment(paddr, view[off:off + filesz], memsz) for off, filesz, paddr, memsz in h.segments]
-    m["state"] = "extending"
-    _write_record("normal", rec)
     name = (rec.get("payload") or {}).get("name", path.name)
+
+    def load(entry, segs):
+        kexec.load_segments(entry, segs, name=name)
+
+    if state == "finalized":
+        report = host.late_changes(m, m["finalized"], segments, h.entry, load=load)
+        if report.get("late"):
+            m["finalized"] = report
+            _write_record("normal", rec, strict=True)
+        return report
+    m["state"] = "extending"
+    _write_record("normal", rec, strict=True)   # never extend without this on record
     try:
-        report = host.finalize(m, segments, h.entry,
-                               load=lambda entry, segs: kexec.load_segments(entry, segs, name=name))
+        report = host.finalize(m, segments, h.entry, load=load, unload=lambda: kexec.unload())
     except BaseException as e:
-        # an error with a report came after extends (a partial extend, a failed reload): never
-        # again for this load; any other came before the first extend
+        # an error with a report came after the first extend: never again for this load
         report = getattr(e, "report", None)
         m["state"] = "failed" if report is not None else "staged"
         if report is not None:
@@ -286,6 +349,8 @@ def finalize_measured() -> dict | None:
 def unload(*, crash: bool) -> None:
     kexec.unload(crash=crash)
     forget("crash" if crash else "normal")
+    if not crash:
+        _drop_handoff()
 
 
 def is_staged_file(path: pathlib.Path) -> bool:

@@ -103,6 +103,11 @@ class Tcg2:
         #: every PCR extend of this run in order (pcr, {bank: digest}, event type): what a measured
         #: kexec replays into the real TPM
         self.extends: list[tuple[int, dict[str, bytes], int]] = []
+        #: for each extend: (offset of its event in the log area or None, whether it reached the
+        #: final events table) — what a measured kexec needs to tell which extends the next
+        #: kernel's log lacks (EFI_TCG2_EXTEND_ONLY, a full log area, a full final table)
+        self.extend_logged: list[tuple[int | None, bool]] = []
+        self._logged: tuple[int | None, bool] = (None, False)
         self.section_offset = self.section_size = 0
         if mirror is None:
             self.banks = T.canonical_banks(banks)
@@ -192,11 +197,20 @@ class Tcg2:
         else:
             if digests is None:
                 digests = T.hash_all(data if data is not None else b"", self.banks)
+            if self.mirror is not None and 17 <= pcr <= 22:
+                # the machine's TPM refuses these at locality 0: so does its mirror (a TPM error)
+                raise EfiError(S.DEVICE_ERROR, f"PCR {pcr} cannot be extended at locality 0")
             self.pcrs.extend(pcr, digests)
             self.extends.append((pcr, {b: bytes(digests[b]) for b in self.banks}, event_type))
         if extend_only:
+            if event_type != T.EV_NO_ACTION:
+                self.extend_logged.append((None, False))
             return S.SUCCESS
-        return self._log(pcr, event_type, digests, event_data)
+        self._logged = (None, False)
+        status = self._log(pcr, event_type, digests, event_data)
+        if event_type != T.EV_NO_ACTION:
+            self.extend_logged.append(self._logged)
+        return status
 
     def _log(self, pcr: int, event_type: int, digests: dict[str, bytes], event_data: bytes) -> int:
         try:
@@ -205,6 +219,7 @@ class Tcg2:
             log.warning("tcg2.log_full", why=str(e))
             return S.VOLUME_FULL
         self.mem.write(self.log_addr + ev.offset, ev.to_bytes())
+        self._logged = (ev.offset, False)
         if not self.get_event_log_called:
             return S.SUCCESS
         raw = ev.to_bytes()
@@ -214,6 +229,7 @@ class Tcg2:
         self.mem.write(self.final_addr + FINAL_EVENTS_HEADER + self.final_used, raw)
         self.final_used += len(raw)
         self.final_events.append(ev)
+        self._logged = (ev.offset, True)
         table = self.mem.read_struct(self.final_addr, U.EFI_TCG2_FINAL_EVENTS_TABLE)
         table.NumberOfEvents = len(self.final_events)
         self.mem.write_struct(self.final_addr, table)

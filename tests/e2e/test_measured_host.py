@@ -178,3 +178,36 @@ def test_finalize_with_nothing_loaded_does_nothing(tmp_path):
     assert r.returncode == 0 and "nothing to finalize" in r.stderr, r.stderr
     r = subprocess.run([*VMRUN, "finalize", "--if-kexec", "reboot"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_changes_after_finalize_are_marked_at_the_end_of_the_log(machine, bookworm_kernel, tmp_path):
+    tcti = machine[0]
+    plan, segs, entry = _stage(machine, bookworm_kernel, tmp_path)
+    loaded = []
+    report = host.finalize(plan, segs, entry, load=lambda e, s: loaded.append(s), tpm=HostTpm(tcti))
+    # nothing changed since: a second finalize neither extends nor reloads
+    again = host.late_changes(plan, report, loaded[-1], entry, load=lambda e, s: loaded.append(s), tpm=HostTpm(tcti))
+    assert again["late"] == [] and len(loaded) == 1
+    _extend_tool(tcti, 11, {b: hashlib.new(b, b"shutdown").digest() for b in BANKS})   # e.g. systemd's shutdown phase
+    late = host.late_changes(plan, report, loaded[-1], entry, load=lambda e, s: loaded.append(s), tpm=HostTpm(tcti))
+    assert [x["pcr"] for x in late["late"]] == [11] and len(loaded) == 2
+    tpm = _pcrread(tcti)
+    events = T.parse(_next_kernel_log(plan, loaded[-1]))
+    last = KL.decode(events[-1])
+    assert last["kind"] == "pcr_state" and last["pcr"] == 11 and last["reason"] == "after_finalize", last
+    assert KL.replay_with_markers(events, BANKS)["sha256"][11] == tpm["sha256"][11]
+    assert T.replay(events, BANKS)["sha256"][11] != tpm["sha256"][11]   # the plain replay cannot: hence the marker
+
+
+def test_extends_the_log_lacks_are_marked(machine, bookworm_kernel, tmp_path):
+    """An extend the next kernel's log will not show (EFI_TCG2_EXTEND_ONLY, a full log): the
+    plan lists it as unlogged and the section says so on its PCR."""
+    tcti = machine[0]
+    plan, segs, entry = _stage(machine, bookworm_kernel, tmp_path)
+    plan["extends"].append({"pcr": 16, "type": "EV_EFI_ACTION",
+                            "digests": {b: hashlib.new(b, b"extend only").hexdigest() for b in BANKS}})
+    plan["unlogged"] = [16]
+    loaded = []
+    host.finalize(plan, segs, entry, load=lambda e, s: loaded.append(s), tpm=HostTpm(tcti))
+    marks = [KL.decode(e) for e in T.parse(_next_kernel_log(plan, loaded[0])) if KL.decode(e)]
+    assert {"kind": "unlogged", "pcr": 16, "count": 1} in marks, marks

@@ -157,3 +157,47 @@ def test_rewrite_log_copy_replaces_the_section_and_the_size_field():
 def test_pcrlock_lists_the_planned_extends():
     plan = {"extends": [{"pcr": 4, "type": "EV_EFI_ACTION", "digests": {"sha256": "aa" * 32}}]}
     assert host.pcrlock(plan) == {"records": [{"pcr": 4, "digests": [{"hashAlg": "sha256", "digest": "aa" * 32}]}]}
+
+
+def test_acpi_log_area_that_linux_would_read_first(tmp_path):
+    table, mem = tmp_path / "TPM2", tmp_path / "mem"
+    t = bytearray(76)
+    struct.pack_into("<IQ", t, 64, 0x10000, 0x1000)    # LAML, LASA (TCG ACPI TPM2 table)
+    table.write_bytes(bytes(t))
+    m = bytearray(0x2000)
+    mem.write_bytes(bytes(m))
+    assert host.acpi_log_area(str(table), str(mem)) is None          # an empty area: Linux ignores it
+    m[0x1000 + 32:0x1000 + 48] = T.SPEC_ID_SIGNATURE                   # a crypto-agile log there
+    mem.write_bytes(bytes(m))
+    assert "reads before the EFI one" in host.acpi_log_area(str(table), str(mem))
+    table.write_bytes(bytes(64))                                       # no log area fields
+    assert host.acpi_log_area(str(table), str(mem)) is None
+
+
+def test_unlogged_marker_and_preboot_bytes():
+    ev = KL.unlogged(16, 2, BANKS)
+    assert ev.event_type == T.EV_NO_ACTION and ev.pcr == 16
+    assert KL.decode(ev) == {"kind": "unlogged", "pcr": 16, "count": 2}
+    assert "2 extend(s) of PCR 16" in KL.describe(KL.decode(ev))
+    events = [T.Event(5, T.EV_EFI_ACTION, {b: H(b, bytes([i])) for b in BANKS}, bytes([i]) * (i + 1)) for i in range(3)]
+    first = len(events[0].to_bytes())
+    assert host._skip_bytes(events, 0) == events
+    assert host._skip_bytes(events, first) == events[1:]
+    assert host._skip_bytes(events, first + len(events[1].to_bytes())) == events[2:]
+
+
+def test_append_final_events_keeps_the_table_and_adds_at_its_end():
+    banks = list(BANKS)
+    fe = 0x4000
+    old = [T.Event(5, T.EV_EFI_ACTION, {b: H(b, b"x") for b in banks}, b"Exit Boot Services Invocation")]
+    table = struct.pack("<QQ", 1, 1) + old[0].to_bytes()
+    seg = LoadSegment(fe, table, 0x8000)
+    marker = KL.pcr_state(KL.PcrState(11, KL.LATE, {b: bytes(T.ALGS[b].size) for b in banks},
+                                      {b: H(b, b"late") for b in banks}), banks)
+    out = host.append_final_events([seg], {"final_events_table": hex(fe), "final_events_size": 0x8000,
+                                           "banks": banks}, [marker])
+    data = host.read_segments(out, fe, 0x8000)
+    assert struct.unpack_from("<QQ", data) == (1, 2)
+    n = len(old[0].to_bytes())
+    assert data[16:16 + n] == old[0].to_bytes() and data[16 + n:16 + n + len(marker.to_bytes())] == marker.to_bytes()
+    assert KL.decode(marker)["reason"] == "after_finalize"

@@ -105,8 +105,42 @@ def read_firmware_log(path: str) -> tuple[bytes, list[T.Event]]:
     return data, events
 
 
+ACPI_TPM2 = "/sys/firmware/acpi/tables/TPM2"
+
+
+def acpi_log_area(table: str = ACPI_TPM2, devmem: str = "/dev/mem") -> str | None:
+    """Why the next kernel would read another log than vmrun's, or None. Linux reads the TPM
+    event log from the ACPI TPM2 table's log area (LAML, LASA; TCG ACPI spec) *before* the EFI
+    one (drivers/char/tpm/eventlog/common.c), and the next kernel gets this machine's ACPI
+    tables: if that area holds a crypto-agile log, vmrun's would never be read."""
+    try:
+        with open(table, "rb") as f:
+            t = f.read(4096)
+    except OSError:
+        return None
+    if len(t) < 76:
+        return None
+    laml, lasa = struct.unpack_from("<IQ", t, 64)
+    if not laml or not lasa:
+        return None
+    try:
+        with open(devmem, "rb") as f:
+            f.seek(lasa)
+            head = f.read(64)
+    except OSError:
+        return None   # unreadable: nothing known (QEMU's area is empty; real firmware rarely fills it)
+    if head[32:48] == T.SPEC_ID_SIGNATURE:
+        return (f"this machine's ACPI TPM2 table points at a TPM event log at {lasa:#x} ({laml} bytes), which "
+                "Linux reads before the EFI one: the next kernel would see the first boot's log, not vmrun's")
+    return None
+
+
 def snapshot(sources: Sources, tpm: HostTpm | None = None) -> Snapshot:
     tpm = tpm or HostTpm(sources.tcti)
+    if sources.firmware_log == FIRMWARE_LOG:   # this machine's own log: is it the one Linux reads?
+        why = acpi_log_area()
+        if why:
+            raise MeasuredError(f"{why}; use --tpm=software (the kexec is then not measured into the TPM)")
     banks = tpm.active_banks()
     pcrs = tpm.read_pcrs(banks)
     data, events = read_firmware_log(sources.firmware_log)
@@ -124,8 +158,12 @@ def snapshot(sources: Sources, tpm: HostTpm | None = None) -> Snapshot:
         manufacturer = tpm.manufacturer()
     except TpmError:
         manufacturer = None
-    return Snapshot(sources, banks, pcrs, data, events, records, explain(events, records, pcrs, banks),
-                    manufacturer)
+    try:
+        expl = explain(events, records, pcrs, banks)
+    except (KeyError, ValueError) as e:   # an event without a digest for a bank, a PCR index > 23
+        raise MeasuredError(f"the firmware event log {sources.firmware_log} cannot be replayed: "
+                            f"{e.args[0] if e.args else e}") from None
+    return Snapshot(sources, banks, pcrs, data, events, records, expl, manufacturer)
 
 
 def mirror(snap: Snapshot, *, crash: bool):
@@ -138,12 +176,12 @@ def mirror(snap: Snapshot, *, crash: bool):
 
 
 def _section(snap: Snapshot, marker: T.Event | None, size: int = KL.DEFAULT_SECTION_SIZE, *,
-             pad: bool = True) -> list[T.Event]:
+             pad: bool = True, extra: list[T.Event] = ()) -> list[T.Event]:
     """The carried section for ``snap``: exactly ``size`` bytes with ``pad``, else at most
     ``size``. When the records do not all fit, the last ones are left out and the PCRs they
     would have explained get PCR-state markers instead: the section may say less, never
     something false."""
-    tail = [marker] if marker is not None else []
+    tail = list(extra) + ([marker] if marker is not None else [])
     records = snap.records
     while True:
         expl = snap.explanation if records is snap.records else \
@@ -175,20 +213,37 @@ def log_copy(result) -> tuple[int, int] | None:
     return None
 
 
+def _unlogged_events(unlogged: list[int], banks) -> list[T.Event]:
+    counts: dict[int, int] = {}
+    for pcr in unlogged:
+        counts[pcr] = counts.get(pcr, 0) + 1
+    return [KL.unlogged(pcr, n, banks) for pcr, n in sorted(counts.items())]
+
+
+def _skip_bytes(events: list[T.Event], nbytes: int) -> list[T.Event]:
+    """``events`` after the first ``nbytes`` bytes of them (the stub's final_events_preboot_size
+    counts bytes of the final events table)."""
+    done = 0
+    for i, e in enumerate(events):
+        if done >= nbytes:
+            return events[i:]
+        done += len(e.to_bytes())
+    return []
+
+
 def finish_stage(result, snap: Snapshot, *, crash: bool) -> dict:
     """Write the section into the payload's copy of the log, compactly (the copy's size field is
-    lowered by the padding left out), saying how many events follow it unmeasured; set
-    ``result.event_log`` to the log the next kernel will read; return the plan for the
-    handoff's metadata."""
+    lowered by the padding left out), saying how many events follow it unmeasured and which
+    extends the next kernel's log lacks; set ``result.event_log`` to the log the next kernel
+    will read; return the plan for the handoff's metadata."""
     tcg2 = result.firmware.tcg2
     mem = tcg2.mem
     extends = tcg2.extends
     reason = KL.CRASH_KERNEL if crash else KL.NOT_FINALIZED
-    blob = KL.section_bytes(_section(snap, KL.not_measured(reason, 0, len(extends), snap.banks),
-                                     tcg2.section_size, pad=False))
     off, reserve = tcg2.section_offset, tcg2.section_size
     copy = log_copy(result)
     where = None
+    copied_to = 0            # log-area offsets below this are in the payload's copy
     if copy is None:
         log.warning("measured.no_log_copy", why="the payload handed on no event log "
                     "(no LINUX_EFI_TPM_EVENT_LOG table): the next kernel will have no firmware event log")
@@ -196,16 +251,27 @@ def finish_stage(result, snap: Snapshot, *, crash: bool) -> dict:
         addr, size = copy
         cur = mem.read(addr, size)
         if size >= off + reserve and cur[:off] == tcg2.log.to_bytes()[:off]:
-            new = cur[:off] + blob + cur[off + reserve:]
-            mem.write(addr - LINUX_LOG_HEADER, struct.pack("<I", len(new)))
-            mem.write(addr, new + bytes(size - len(new)))
             where = {"table": hex(addr - LINUX_LOG_HEADER), "capacity": size, "section_offset": off,
-                     "section_length": len(blob), "section_reserve": reserve}
-            preboot = struct.unpack("<I", mem.read(addr - LINUX_LOG_HEADER + 4, 4))[0]
-            result.event_log = new + b"".join(e.to_bytes() for e in tcg2.final_events[preboot:])
+                     "section_reserve": reserve}
+            copied_to = size
         else:
             log.warning("measured.log_copy_differs", address=hex(addr),
                         why="the payload's copy of the event log does not start with the firmware log")
+    unlogged = [pcr for (pcr, _d, _t), (at, final) in zip(extends, tcg2.extend_logged)
+                if not final and (at is None or at >= copied_to)]
+    if unlogged:
+        log.warning("measured.unlogged", pcrs=",".join(map(str, sorted(set(unlogged)))),
+                    why="the payload extended PCRs without events the next kernel's log will show "
+                        "(EFI_TCG2_EXTEND_ONLY, or a full log); the log marks them")
+    if where is not None:
+        marker = KL.not_measured(reason, 0, len(extends), snap.banks)
+        blob = KL.section_bytes(_section(snap, marker, reserve, pad=False, extra=_unlogged_events(unlogged, snap.banks)))
+        new = cur[:off] + blob + cur[off + reserve:]
+        mem.write(addr - LINUX_LOG_HEADER, struct.pack("<I", len(new)))
+        mem.write(addr, new + bytes(size - len(new)))
+        where["section_length"] = len(blob)
+        preboot = struct.unpack("<I", mem.read(addr - LINUX_LOG_HEADER + 4, 4))[0]
+        result.event_log = new + b"".join(e.to_bytes() for e in _skip_bytes(tcg2.final_events, preboot))
     return {
         "tpm": "host",
         "slot": "crash" if crash else "normal",
@@ -214,10 +280,12 @@ def finish_stage(result, snap: Snapshot, *, crash: bool) -> dict:
         "firmware_log_sha256": snap.firmware_log_sha256,
         "log_copy": where,
         "final_events_table": hex(tcg2.final_addr),
+        "final_events_size": tcg2.final_size,
         "boundary": {"pcr": KL.BOUNDARY_PCR, "type": T.event_type_name(KL.BOUNDARY_TYPE),
                      "data": KL.BOUNDARY_DATA.decode()},
         "extends": [{"pcr": pcr, "type": T.event_type_name(etype), "digests": {b: d.hex() for b, d in dg.items()}}
                     for pcr, dg, etype in extends],
+        "unlogged": unlogged,
         "at_stage": {"pcrs": _hex_pcrs(snap.pcrs), **snap.explanation.to_json()},
         "predicted": _hex_pcrs(tcg2.pcrs.values()),
         "not_measured": KL.NOT_MEASURED_REASONS[reason],
@@ -284,9 +352,18 @@ def rewrite_log_copy(segments, copy: dict, blob: bytes):
     return patch_segments(segments, table, patch)
 
 
-def finalize(plan: dict, segments, entry: int, *, load, tpm: HostTpm | None = None) -> dict:
+class ExtendInterrupted(MeasuredError):
+    """Something failed after the first extend was sent: how far the TPM got is in ``report``."""
+
+
+def finalize(plan: dict, segments, entry: int, *, load, unload=None, tpm: HostTpm | None = None) -> dict:
     """Extend the TPM with the planned events and load the handoff again with the final section.
-    ``load(entry, segments)`` is kexec_load. Returns the report (also for `vmrun status`)."""
+    ``load(entry, segments)`` is kexec_load; ``unload()`` is called when that fails after the
+    TPM was extended (a plain reboot then resets the TPM, instead of a kexec into a log that
+    says the events were not measured). Returns the report (also for `vmrun status`).
+
+    An error raised before the first extend has no ``report`` attribute; every error after it
+    has one (``extended``: how many went in, or None when unknown)."""
     sources = Sources.from_json(plan["sources"])
     tpm = tpm or HostTpm(sources.tcti)
     snap = snapshot(sources, tpm)
@@ -302,46 +379,112 @@ def finalize(plan: dict, segments, entry: int, *, load, tpm: HostTpm | None = No
     for pcr, dg in events:
         for b in banks:
             expected[b][pcr] = KL.extend(expected[b][pcr], dg[b], b)
+    copy = plan.get("log_copy")
+    extra = _unlogged_events(plan.get("unlogged", []), banks)
+    final_segments = None
+    if copy:   # built before anything is extended: an error here changes nothing
+        blob = KL.section_bytes(_section(snap, None, copy["section_reserve"], pad=False, extra=extra))
+        final_segments = rewrite_log_copy(segments, copy, blob)
+    report = {
+        "finalized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "extended": None, "total": len(events),
+        "before": _hex_pcrs(snap.pcrs), **snap.explanation.to_json(),
+    }
     partial = None
     log.info("measured.extend", events=len(events), banks=",".join(banks))
     try:
-        done = tpm.extend_events(events)
-        marker = None
-    except PartialExtend as e:
-        partial, done = e, e.done
-        marker = KL.not_measured(KL.PARTIAL, done, len(events), banks)
-    report = {
-        "finalized_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "extended": done, "total": len(events),
-        "before": _hex_pcrs(snap.pcrs), **snap.explanation.to_json(),
-    }
-    copy = plan.get("log_copy")
-    if copy:
-        blob = KL.section_bytes(_section(snap, marker, copy["section_reserve"], pad=False))
         try:
-            load(entry, rewrite_log_copy(segments, copy, blob))
-        except VmrunError as e:
-            err = MeasuredError(f"the TPM was extended with {done} of {len(events)} events, but loading the "
-                                f"handoff with the final event log failed ({e}): the loaded image's log says "
-                                "they were not measured")
-            err.report = {**report, "error": str(err)}
-            raise err from None
-        report["log"] = "rewritten"
-    else:
-        report["log"] = "none (the payload handed on no event log)"
-    try:
-        after = tpm.read_pcrs(banks)
-        report["after"] = _hex_pcrs(after)
-        if partial is None:
-            wrong = [f"{b}:{i}" for b in banks for i in range(T.NUM_PCRS) if after[b][i] != expected[b][i]]
-            report["mismatch"] = wrong
-            if wrong:
-                log.warning("measured.mismatch", pcrs=",".join(wrong),
-                            why="the TPM changed while vmrun extended it (another process extending?)")
-    except TpmError as e:
-        report["after_error"] = str(e)
+            report["extended"] = tpm.extend_events(events)
+        except PartialExtend as e:
+            partial = e
+            report["extended"] = e.done
+            if copy:
+                marker = KL.not_measured(KL.PARTIAL, e.done, len(events), banks)
+                blob = KL.section_bytes(_section(snap, marker, copy["section_reserve"], pad=False, extra=extra))
+                final_segments = rewrite_log_copy(segments, copy, blob)
+        if final_segments is not None:
+            try:
+                load(entry, final_segments)
+            except VmrunError as e:
+                what = f"the TPM was extended with {report['extended']} of {len(events)} events, but loading the " \
+                       f"handoff with the final event log failed ({e})"
+                if unload is not None:
+                    try:
+                        unload()
+                        what += "; the kexec image was unloaded (a reboot resets the TPM)"
+                    except VmrunError as e2:
+                        what += f"; unloading it failed too ({e2}): its log says the events were not measured"
+                raise MeasuredError(what) from None
+            report["log"] = "rewritten"
+        else:
+            report["log"] = "none: the payload handed on no event log vmrun could rewrite"
+        try:
+            after = tpm.read_pcrs(banks)
+            report["after"] = _hex_pcrs(after)
+            if partial is None:
+                # PCR 10: IMA may measure the programs finalize runs
+                wrong = [f"{b}:{i}" for b in banks for i in range(T.NUM_PCRS)
+                         if i != 10 and after[b][i] != expected[b][i]]
+                report["mismatch"] = wrong
+                if wrong:
+                    log.warning("measured.mismatch", pcrs=",".join(wrong),
+                                why="the TPM changed while vmrun extended it (another process extending?)")
+        except (TpmError, ValueError) as e:
+            report["after_error"] = str(e)
+    except BaseException as e:
+        report["error"] = str(e) or type(e).__name__
+        if isinstance(e, VmrunError):
+            e.report = report
+            raise
+        err = ExtendInterrupted(f"finalize stopped after extending the TPM began: {report['error']}")
+        err.report = report
+        raise err from e
     if partial is not None:
         report["error"] = str(partial)
         partial.report = report
         raise partial
     return report
+
+
+def late_changes(plan: dict, report: dict, segments, entry: int, *, load, tpm: HostTpm | None = None) -> dict:
+    """After a finalize, again (e.g. `vmrun finalize`, then systemd's shutdown extends, then the
+    shutdown hook): PCRs that changed since get PCR-state markers (reason ``after_finalize``) at
+    the end of the final events table, which the next kernel reads last, and the handoff is
+    loaded again. Nothing is extended. Returns the report with ``late`` added."""
+    sources = Sources.from_json(plan["sources"])
+    tpm = tpm or HostTpm(sources.tcti)
+    banks = tuple(plan["banks"])
+    now = tpm.read_pcrs(banks)
+    seen = {b: {int(i): bytes.fromhex(v) for i, v in vals.items()} for b, vals in report.get("after", {}).items()}
+    changed = sorted({i for b in banks for i in range(T.NUM_PCRS) if i != 10 and seen.get(b, {}).get(i) != now[b][i]})
+    out = dict(report)
+    out["late"] = [{"pcr": i, "tpm": {b: now[b][i].hex() for b in banks}} for i in changed]
+    if not changed:
+        return out
+    markers = [KL.pcr_state(KL.PcrState(i, KL.LATE, {b: seen.get(b, {}).get(i, bytes(T.ALGS[b].size)) for b in banks},
+                                        {b: now[b][i] for b in banks}), banks) for i in changed]
+    load(entry, append_final_events(segments, plan, markers))
+    out["after"] = _hex_pcrs(now)
+    log.warning("measured.late_changes", pcrs=",".join(map(str, changed)),
+                why="PCRs changed after the kexec was finalized: marked at the end of the log")
+    return out
+
+
+def append_final_events(segments, plan: dict, events: list[T.Event]):
+    """The segments with ``events`` appended to the EFI final events table (and its count)."""
+    fe, cap = int(plan["final_events_table"], 16), plan.get("final_events_size", 0x8000)
+    head = read_segments(segments, fe, cap)
+    _version, count = struct.unpack_from("<QQ", head)
+    spec = T.Event(0, T.EV_NO_ACTION, {"sha1": bytes(20)},
+                   T.SpecId([(T.ALGS[b].alg_id, T.ALGS[b].size) for b in plan["banks"]]).to_bytes(), sha1_format=True)
+    raw = spec.to_bytes()
+    try:
+        existing = T.parse(raw + head[16:])[1:1 + count]
+    except ValueError as e:
+        raise MeasuredError(f"the final events table at {fe:#x} cannot be read: {e}") from None
+    used = 16 + sum(len(e.to_bytes()) for e in existing)
+    add = b"".join(e.to_bytes() for e in events)
+    if used + len(add) > cap:
+        raise MeasuredError(f"the final events table at {fe:#x} has no room for {len(add)} more bytes")
+    patch = struct.pack("<QQ", _version, count + len(events)) + head[16:used] + add
+    return patch_segments(segments, fe, patch)

@@ -410,7 +410,7 @@ class HostTpm:
                 bank = m.group(1).lower()
                 values.setdefault(bank, {})
                 continue
-            m = re.match(r"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]*)\s*$", line)
+            m = re.match(r"^\s*(\d+)\s*:\s*0x((?:[0-9A-Fa-f]{2})*)\s*$", line)
             if m and bank is not None:
                 values[bank][int(m.group(1))] = bytes.fromhex(m.group(2))
                 continue

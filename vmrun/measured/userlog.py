@@ -75,7 +75,9 @@ def _record(index: int, text: bytes) -> Record:
     try:
         obj = json.loads(text)
     except ValueError as e:
-        return Record(index, None, text=text, error=f"not JSON ({e.msg} at {e.pos})")
+        return Record(index, None, text=text, error=f"not JSON ({getattr(e, 'msg', e)})")
+    except RecursionError:
+        return Record(index, None, text=text, error="not JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return Record(index, None, text=text, error="not a JSON object")
     pcr = obj.get("pcr")
