@@ -205,6 +205,10 @@ def systemd_boot(kernel: Path, steps: list[T.Step], *, root_files: dict[str, Pat
         dropin = "[Service]\n" + "".join(f"BindReadOnlyPaths={t}\n" for t in hidden)
         for unit in ("vmrun.service", "vmrun-kdump.service"):
             files[f"rootfs/etc/systemd/system/{unit}.d/checkout-in-tmp.conf"] = dropin.encode()
+        if shutdown_hooks:
+            # there the trees are symlinks, which systemd-tmpfiles' boot-time clean-up of /tmp
+            # and /var/tmp (Debian's tmp.conf: "D") would delete: keep them (create, never clean)
+            files["rootfs/etc/tmpfiles.d/tmp.conf"] = b"d /tmp 1777 root root -\nd /var/tmp 1777 root root -\n"
     init = systemd_init([m.name for m in T.target_modules(kernel)], enable=list(enable), shutdown_hooks=shutdown_hooks)
     return T.boot_init(kernel, init, files=files, cpu=cpu, append=f"{APPEND} {append}".strip(), timeout=timeout,
                        until=until, fail=fail, serial_text=Q.clean_console, **kw)
