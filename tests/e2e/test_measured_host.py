@@ -211,3 +211,39 @@ def test_extends_the_log_lacks_are_marked(machine, bookworm_kernel, tmp_path):
     host.finalize(plan, segs, entry, load=lambda e, s: loaded.append(s), tpm=HostTpm(tcti))
     marks = [KL.decode(e) for e in T.parse(_next_kernel_log(plan, loaded[0])) if KL.decode(e)]
     assert {"kind": "unlogged", "pcr": 16, "count": 1} in marks, marks
+
+
+def test_loader_finalizes_once(machine, bookworm_kernel, tmp_path, monkeypatch):
+    """`vmrun load STAGED` then finalize twice through vmrun.loader, with swtpm as the TPM and the
+    state in a temporary folder; kexec_load(2) is not available on this machine, so its two
+    calls are replaced by a recorder (the UEFI target tests run the real ones)."""
+    from vmrun import loader
+    tcti = machine[0]
+    _stage(machine, bookworm_kernel, tmp_path)
+    state = tmp_path / "state"
+    monkeypatch.setenv("VMRUN_STATE_DIR", str(state))
+    calls = []
+    monkeypatch.setattr(kexec, "load_segments", lambda entry, segs, **kw: calls.append(len(segs)))
+    monkeypatch.setattr(kexec, "loaded", lambda crash=False: True)
+    loader.load_file(tmp_path / "staged.elf", crash=False)
+    rec = json.loads((state / "normal.json").read_text())
+    assert rec["handoff"]["path"] == str(state / "normal.handoff") and (state / "normal.handoff").stat().st_mode & 0o777 == 0o600
+    before = _pcrread(tcti)
+    report = loader.finalize_measured()
+    assert report["extended"] == report["total"] > 0 and len(calls) == 2     # the load, then the reload
+    after = _pcrread(tcti)
+    assert after != before
+    again = loader.finalize_measured()                 # nothing changed since: no extend, no reload
+    assert again["late"] == [] and len(calls) == 2 and _pcrread(tcti) == after
+    assert json.loads((state / "normal.json").read_text())["measured"]["state"] == "finalized"
+    # a record left "extending" (a finalize that died mid-way) blocks any further extend
+    rec = json.loads((state / "normal.json").read_text())
+    rec["measured"]["state"] = "extending"
+    (state / "normal.json").write_text(json.dumps(rec))
+    with pytest.raises(host.MeasuredError, match="interrupted while extending"):
+        loader.finalize_measured()
+    assert _pcrread(tcti) == after
+    loader.forget("normal")
+    monkeypatch.setattr(kexec, "unload", lambda crash=False: None)
+    loader.unload(crash=False)
+    assert not (state / "normal.handoff").exists()
