@@ -275,6 +275,9 @@ def finalize_measured() -> dict | None:
     written (and must be) before the first extend."""
     from vmrun.measured import host
 
+    rec = _recorded("normal")
+    if not rec or not rec.get("measured") or not kexec.loaded():
+        return None   # nothing to do, and nothing written (the state folder may be read-only)
     try:
         state_dir().mkdir(parents=True, exist_ok=True, mode=0o755)
         lock = os.open(state_dir() / "normal.lock", os.O_RDWR | os.O_CREAT, 0o600)
