@@ -175,7 +175,7 @@ def _make_run_options(cmdline, initrd, memmap, timeout, memory_cap, variables, t
     if mode == "host":
         from vmrun.measured import host
         snap = host.snapshot(sources)
-        mirror = host.mirror(snap, crash=False)
+        mirror = host.mirror(snap)
     seeds = host_variables() if host_vars else []
     if vars_file is not None:
         seeds += load_vars_file(vars_file)

@@ -107,7 +107,6 @@ class Tcg2:
         #: final events table) — what a measured kexec needs to tell which extends the next
         #: kernel's log lacks (EFI_TCG2_EXTEND_ONLY, a full log area, a full final table)
         self.extend_logged: list[tuple[int | None, bool]] = []
-        self._logged: tuple[int | None, bool] = (None, False)
         self.section_offset = self.section_size = 0
         if mirror is None:
             self.banks = T.canonical_banks(banks)
@@ -206,34 +205,34 @@ class Tcg2:
             if event_type != T.EV_NO_ACTION:
                 self.extend_logged.append((None, False))
             return S.SUCCESS
-        self._logged = (None, False)
-        status = self._log(pcr, event_type, digests, event_data)
+        status, offset, in_final = self._log(pcr, event_type, digests, event_data)
         if event_type != T.EV_NO_ACTION:
-            self.extend_logged.append(self._logged)
+            self.extend_logged.append((offset, in_final))
         return status
 
-    def _log(self, pcr: int, event_type: int, digests: dict[str, bytes], event_data: bytes) -> int:
+    def _log(self, pcr: int, event_type: int, digests: dict[str, bytes], event_data: bytes
+             ) -> tuple[int, int | None, bool]:
+        """Log one event: (status, its offset in the log area or None, whether it also went to
+        the final events table)."""
         try:
             ev = self.log.append(pcr, event_type, digests, event_data)
         except T.EventLogFull as e:
             log.warning("tcg2.log_full", why=str(e))
-            return S.VOLUME_FULL
+            return S.VOLUME_FULL, None, False
         self.mem.write(self.log_addr + ev.offset, ev.to_bytes())
-        self._logged = (ev.offset, False)
         if not self.get_event_log_called:
-            return S.SUCCESS
+            return S.SUCCESS, ev.offset, False
         raw = ev.to_bytes()
         if self.final_truncated or FINAL_EVENTS_HEADER + self.final_used + len(raw) > self.final_size:
             self.final_truncated = True
-            return S.VOLUME_FULL
+            return S.VOLUME_FULL, ev.offset, False
         self.mem.write(self.final_addr + FINAL_EVENTS_HEADER + self.final_used, raw)
         self.final_used += len(raw)
         self.final_events.append(ev)
-        self._logged = (ev.offset, True)
         table = self.mem.read_struct(self.final_addr, U.EFI_TCG2_FINAL_EVENTS_TABLE)
         table.NumberOfEvents = len(self.final_events)
         self.mem.write_struct(self.final_addr, table)
-        return S.SUCCESS
+        return S.SUCCESS, ev.offset, True
 
     def final_events_bytes(self) -> bytes:
         """The EFI_TCG2_FINAL_EVENTS_TABLE as it stands in guest memory (header + events)."""

@@ -60,8 +60,7 @@ def explain(fw_events: Iterable[T.Event], records: list[Record], tpm: Mapping[st
         missing = [b for b in banks if b not in r.digests]
         if missing:
             out.ignored.append((r, f"no digest for the TPM's bank(s) {', '.join(missing)}"))
-            by_pcr.setdefault(r.pcr, [])   # its PCR cannot be explained by records alone
-            continue
+            continue   # its PCR is then judged without it (unexplained if its extend happened)
         by_pcr.setdefault(r.pcr, []).append(r)
     carried: list[Record] = []
     for pcr in pcrs:

@@ -135,7 +135,9 @@ def acpi_log_area(table: str = ACPI_TPM2, devmem: str = "/dev/mem") -> str | Non
     return None
 
 
-def snapshot(sources: Sources, tpm: HostTpm | None = None) -> Snapshot:
+def snapshot(sources: Sources, tpm: HostTpm | None = None, *, manufacturer: bool = True) -> Snapshot:
+    """The TPM, the firmware log and systemd's log now, explained. ``manufacturer``: also ask
+    the TPM its manufacturer (for the payload's GetCapability; finalize does not need it)."""
     tpm = tpm or HostTpm(sources.tcti)
     if sources.firmware_log == FIRMWARE_LOG:   # this machine's own log: is it the one Linux reads?
         why = acpi_log_area()
@@ -154,24 +156,25 @@ def snapshot(sources: Sources, tpm: HostTpm | None = None) -> Snapshot:
         records = userlog.read(sources.userspace_log)
     except userlog.UserLogError as e:
         raise MeasuredError(f"systemd's measurement log {sources.userspace_log}: {e}") from None
-    try:
-        manufacturer = tpm.manufacturer()
-    except TpmError:
-        manufacturer = None
+    maker = None
+    if manufacturer:
+        try:
+            maker = tpm.manufacturer()
+        except TpmError:
+            pass
     try:
         expl = explain(events, records, pcrs, banks)
     except (KeyError, ValueError) as e:   # an event without a digest for a bank, a PCR index > 23
         raise MeasuredError(f"the firmware event log {sources.firmware_log} cannot be replayed: "
                             f"{e.args[0] if e.args else e}") from None
-    return Snapshot(sources, banks, pcrs, data, events, records, expl, manufacturer)
+    return Snapshot(sources, banks, pcrs, data, events, records, expl, maker)
 
 
-def mirror(snap: Snapshot, *, crash: bool):
-    """The payload's TCG2 view of the machine's TPM, with the section as it stands before the
-    kexec is finalized."""
+def mirror(snap: Snapshot):
+    """The payload's TCG2 view of the machine's TPM, with the section as the payload sees it
+    (finish_stage writes the one the next kernel reads, with the right not-measured reason)."""
     from hostsvc.protocols.tcg2 import Mirror
-    reason = KL.CRASH_KERNEL if crash else KL.NOT_FINALIZED
-    section = _section(snap, KL.not_measured(reason, 0, 0, snap.banks))
+    section = _section(snap, KL.not_measured(KL.NOT_FINALIZED, 0, 0, snap.banks))
     return Mirror(snap.banks, snap.pcrs, snap.firmware_log, section, snap.manufacturer)
 
 
@@ -366,7 +369,7 @@ def finalize(plan: dict, segments, entry: int, *, load, unload=None, tpm: HostTp
     has one (``extended``: how many went in, or None when unknown)."""
     sources = Sources.from_json(plan["sources"])
     tpm = tpm or HostTpm(sources.tcti)
-    snap = snapshot(sources, tpm)
+    snap = snapshot(sources, tpm, manufacturer=False)
     if snap.firmware_log_sha256 != plan["firmware_log_sha256"]:
         raise MeasuredError("the firmware event log changed since the payload was staged (staged in "
                             "another boot?): stage it again")
